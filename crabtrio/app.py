@@ -1,0 +1,185 @@
+"""create_app(): the QuartTrio app, its serving lifetime, routes and error handlers."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from typing import NoReturn
+
+import httpx
+import trio
+from quart import Response
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from . import admin, api
+from .asgi import RequestScope
+from .config import Config, ConfigError, load_config
+from .errors import GatewayError, error_body
+from .services import Services, open_services
+
+log = logging.getLogger("crabtrio")
+
+# Deadline quart-trio puts on the app's nursery at shutdown: the audit drain runs under it.
+SHUTDOWN_DRAIN_SECONDS = 10
+# Exit code of a worker that could not start (bad config, unwritable audit file).
+EXIT_STARTUP_FAILED = 3
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+class StartupError(Exception):
+    """Startup cannot go on; the message is the one line an operator needs."""
+
+
+def configure_logging() -> None:
+    logger = logging.getLogger("crabtrio")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+        )
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def create_app(
+    config: Config | None = None,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    exit_on_startup_error: bool = False,
+) -> QuartTrio:
+    """Build the app. The config is loaded when serving starts unless one is given.
+
+    With `exit_on_startup_error` (the module-level app that hypercorn serves), a startup
+    failure prints one line and ends the worker process with exit code 3, no traceback.
+    """
+    app = QuartTrio("crabtrio")
+    app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = SHUTDOWN_DRAIN_SECONDS
+    app.register_blueprint(api.bp)
+    app.register_blueprint(admin.bp)
+    _register_error_handlers(app)
+    stop, stopped = trio.Event(), trio.Event()
+
+    async def host(
+        config: Config, *, task_status: trio.TaskStatus[Services] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        started = False
+        try:
+            async with open_services(config, transport=transport) as services:
+                started = True
+                task_status.started(services)
+                await stop.wait()
+        except OSError as exc:
+            if started:
+                raise
+            path = os.path.abspath(config.audit.path)
+            raise StartupError(f"cannot open audit file {path}: {exc.strerror or exc}") from None
+        finally:
+            stopped.set()
+
+    @app.before_serving
+    async def _start() -> None:
+        configure_logging()
+        try:
+            loaded = config if config is not None else _load()
+            app.config["MAX_CONTENT_LENGTH"] = int(loaded.max_body_mb * 1024 * 1024)
+            app.extensions["crabtrio"] = await app.nursery.start(host, loaded)
+        except StartupError as exc:
+            if exit_on_startup_error:
+                _exit(str(exc))
+            raise
+        _install_sigterm_forwarding()
+        _log_startup(loaded)
+
+    @app.after_serving
+    async def _stop() -> None:
+        stop.set()
+        await stopped.wait()
+
+    app.asgi_app = RequestScope(app.asgi_app)  # type: ignore[method-assign]
+    return app
+
+
+def _load() -> Config:
+    try:
+        return load_config()
+    except ConfigError as exc:
+        raise StartupError(f"config error: {exc}") from None
+
+
+def _exit(message: str) -> NoReturn:
+    log.critical("crabtrio: %s", message)
+    for handler in log.handlers:
+        handler.flush()
+    os._exit(EXIT_STARTUP_FAILED)
+
+
+def _install_sigterm_forwarding() -> None:
+    """In a hypercorn worker, turn a SIGTERM aimed at us into the master's graceful stop.
+
+    systemd and `docker stop` signal the whole process group; the worker's default SIGTERM
+    action would kill it on the spot, with no drain. The master, told instead, asks every
+    worker to finish in-flight requests and run the lifespan shutdown that flushes the log.
+    """
+    if multiprocessing.parent_process() is None:
+        return
+    master = os.getppid()
+
+    def forward(signum: int, frame: object) -> None:
+        if os.getppid() == master:
+            os.kill(master, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+
+
+def _log_startup(config: Config) -> None:
+    for warning in config.warnings:
+        log.warning("crabtrio: %s", warning)
+    audit = config.audit
+    if audit.enabled:
+        window = {
+            "interval": f"up to {audit.sync_interval_ms} ms of records on power loss",
+            "always": "none: each response waits for its record's fsync",
+            "never": "whatever the OS has not flushed on power loss",
+        }[audit.sync]
+        audit_text = f"{os.path.abspath(audit.path)} (sync={audit.sync}, loss window: {window})"
+    else:
+        audit_text = "DISABLED"
+    auth = f"on ({len(config.keys)} keys)" if config.keys else "off (no [[keys]] configured)"
+    admin_guard = "admin_token" if config.admin_token else "loopback clients only"
+    log.info(
+        "crabtrio: config %s; models %s; providers %s; audit %s; auth %s; admin %s",
+        config.source,
+        ", ".join([*config.models, *(f"{a}->{m}" for a, m in config.aliases.items())]),
+        ", ".join(f"{p.name}({p.kind})" for p in config.providers.values()),
+        audit_text,
+        auth,
+        admin_guard,
+    )
+    if not config.admin_token:
+        log.warning("crabtrio: no admin_token set: /v1/admin/* answers loopback clients only")
+
+
+def _register_error_handlers(app: QuartTrio) -> None:
+    @app.errorhandler(GatewayError)
+    async def _gateway_error(exc: GatewayError) -> Response:
+        return Response(exc.body_bytes(), exc.status, content_type="application/json")
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        message = exc.description or exc.name
+        body = error_body(status, message, kind, _HTTP_CODES.get(status))
+        return Response(body, status, content_type="application/json")
+
+    @app.errorhandler(Exception)
+    async def _unexpected(exc: Exception) -> Response:
+        log.exception("crabtrio: unexpected error")
+        body = error_body(500, "internal error; see the gateway's log", "server_error", None)
+        return Response(body, 500, content_type="application/json")

@@ -1,0 +1,274 @@
+"""The read side of the audit log: replay the files into the index, then follow appends.
+
+Every process follows the file rather than trusting its own memory, so with several
+hypercorn workers each worker's index holds every worker's records within one poll.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from .index import AuditIndex, Entry
+from .record import index_fields
+
+log = logging.getLogger("crabtrio.audit")
+
+POLL_SECONDS = 0.2
+MAX_LINE = (1 << 24) - 1  # lengths are packed into 24 bits of a location
+READ_CHUNK = MAX_LINE + 1  # a chunk without a newline holds no valid line
+MAX_SOURCES = 1 << 16
+
+
+def rotated_name_pattern(path: str) -> re.Pattern[str]:
+    """Names of rotated siblings: `<stem>-<UTC timestamp>[-n]<suffix>`, sorting by age."""
+    stem, suffix = os.path.splitext(os.path.basename(path))
+    stamp = r"\d{8}T\d{6}\.\d{3}Z(?:-\d+)?"
+    return re.compile(rf"^{re.escape(stem)}-{stamp}{re.escape(suffix)}$")
+
+
+def rotated_siblings(path: str) -> list[str]:
+    directory = os.path.dirname(os.path.abspath(path))
+    pattern = rotated_name_pattern(path)
+    try:
+        names = sorted(name for name in os.listdir(directory) if pattern.match(name))
+    except FileNotFoundError:
+        return []
+    return [os.path.join(directory, name) for name in names]
+
+
+@dataclass(slots=True)
+class _Source:
+    """One file being read: where its complete lines end, and what they added to the index."""
+
+    number: int
+    path: str
+    fd: int
+    ino: int
+    offset: int = 0
+    skipping: bool = False  # inside an over-long line
+    entries: list[Entry] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class CorruptLines:
+    count: int = 0
+    first_offsets: list[int] = field(default_factory=list)
+
+    def add(self, offset: int) -> None:
+        self.count += 1
+        if len(self.first_offsets) < 5:
+            self.first_offsets.append(offset)
+
+
+class AuditReader:
+    """Owns the index and the read descriptors; `catch_up()` indexes whatever was appended."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self.index = AuditIndex()
+        self.corrupt_lines = 0
+        self._sources: dict[int, _Source] = {}
+        self._active: _Source | None = None
+        self._next_number = 0
+        self._strings: dict[object, object] = {}
+        self._nudged = trio.Event()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, path: str) -> AsyncIterator[AuditReader]:
+        """Replay every retained file, then follow the active one until the block exits."""
+        reader = cls(path)
+        try:
+            reader.replay()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader._follow)
+                try:
+                    yield reader
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            reader.close()
+
+    def replay(self) -> None:
+        for path in [*rotated_siblings(self.path), self.path]:
+            source = self._open_source(path)
+            if source is None:
+                continue
+            corrupt = self._read_new(source, final=path != self.path)
+            if corrupt.count:
+                log.warning(
+                    "audit: skipped %d corrupt line(s) in %s (first at byte offsets %s)",
+                    corrupt.count,
+                    path,
+                    ", ".join(map(str, corrupt.first_offsets)),
+                )
+        self._active = self._sources.get(self._next_number - 1)
+        if self._active is not None and self._active.path != self.path:
+            self._active = None
+
+    def nudge(self) -> None:
+        """Ask the follower to read now (the writer calls this after each append)."""
+        self._nudged.set()
+
+    async def _follow(self) -> None:
+        while True:
+            with trio.move_on_after(POLL_SECONDS):
+                await self._nudged.wait()
+            self._nudged = trio.Event()
+            self.catch_up()
+
+    def catch_up(self) -> None:
+        """Index what was appended since the last call; switch files after a rotation."""
+        active = self._active
+        if active is not None:
+            self._read_logged(active)
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == active.ino:
+                    self._forget_deleted()
+                    return
+            # The path was rotated or deleted: finish the old file, then pick up the new one.
+            self._read_logged(active, final=True)
+        self._active = self._open_source(self.path)
+        if self._active is not None:
+            self._read_logged(self._active)
+        self._forget_deleted()
+
+    def read_lines(self, locations: list[int]) -> list[bytes]:
+        """The stored lines at these index locations (files are read, not kept in memory)."""
+        lines = []
+        for location in locations:
+            source = self._sources.get(location & 0xFFFF)
+            if source is None:
+                continue
+            span = location >> 16
+            with contextlib.suppress(OSError):
+                lines.append(os.pread(source.fd, span & MAX_LINE, span >> 24))
+        return lines
+
+    def forget(self, path: str) -> None:
+        """Drop a file's records from the index (retention deleted it)."""
+        for number, source in list(self._sources.items()):
+            if source.path == path and source is not self._active:
+                self._drop(number)
+
+    def close(self) -> None:
+        for number in list(self._sources):
+            self._drop(number, discard=False)
+
+    def _open_source(self, path: str) -> _Source | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        number = self._next_number
+        if number >= MAX_SOURCES:  # pragma: no cover - 65,536 rotations in one process
+            os.close(fd)
+            raise OSError(f"audit: too many files opened for reading ({number})")
+        self._next_number += 1
+        source = _Source(number, path, fd, os.fstat(fd).st_ino)
+        self._sources[number] = source
+        return source
+
+    def _drop(self, number: int, *, discard: bool = True) -> None:
+        source = self._sources.pop(number)
+        if discard:
+            self.index.discard(source.entries)
+        with contextlib.suppress(OSError):
+            os.close(source.fd)
+
+    def _forget_deleted(self) -> None:
+        for number, source in list(self._sources.items()):
+            if source is self._active:
+                continue
+            with contextlib.suppress(OSError):
+                if os.fstat(source.fd).st_nlink == 0:
+                    self._drop(number)
+
+    def _read_logged(self, source: _Source, *, final: bool = False) -> None:
+        corrupt = self._read_new(source, final=final)
+        if corrupt.count:
+            log.warning(
+                "audit: skipped %d corrupt line(s) appended to %s (first at byte offsets %s)",
+                corrupt.count,
+                source.path,
+                ", ".join(map(str, corrupt.first_offsets)),
+            )
+
+    def _read_new(self, source: _Source, *, final: bool) -> CorruptLines:
+        """Index the complete lines after `source.offset`; with `final`, give up on a partial tail."""
+        corrupt = CorruptLines()
+        size = os.fstat(source.fd).st_size
+        if size < source.offset:
+            log.warning("audit: %s shrank from outside; re-reading it", source.path)
+            self.index.discard(source.entries)
+            source.entries.clear()
+            source.offset = 0
+        while source.offset < size:
+            data = os.pread(source.fd, min(READ_CHUNK, size - source.offset), source.offset)
+            if not data:
+                break
+            end = data.rfind(b"\n") + 1
+            if end == 0:
+                if len(data) < READ_CHUNK:
+                    break  # an incomplete last line: wait for the rest
+                # No newline in READ_CHUNK bytes: longer than any record. Skip to its end.
+                if not source.skipping:
+                    corrupt.add(source.offset)
+                source.skipping = True
+                source.offset += len(data)
+                continue
+            if source.skipping:
+                source.skipping = False
+                source.offset += data.find(b"\n") + 1
+                continue
+            self._index_lines(source, data[:end], corrupt)
+            source.offset += end
+        if final and source.offset < size:
+            if not source.skipping:
+                corrupt.add(source.offset)
+            source.offset = size
+        self.corrupt_lines += corrupt.count
+        return corrupt
+
+    def _index_lines(self, source: _Source, data: bytes, corrupt: CorruptLines) -> None:
+        base, number = source.offset, source.number
+        intern: Callable[[object, object], object] = self._strings.setdefault
+        entries: list[Entry] = []
+        append = entries.append
+        start = 0
+        find = data.find
+        while True:
+            end = find(b"\n", start)
+            if end < 0:
+                break
+            length = end - start
+            if length and not data[start:end].isspace():
+                fields = index_fields(data[start:end])
+                if fields is None:
+                    corrupt.add(base + start)
+                else:
+                    ts, rid, key, model, provider, status = fields
+                    location = ((((base + start) << 24) | length) << 16) | number
+                    append(
+                        (
+                            ts,
+                            rid,
+                            location,
+                            intern(key, key),
+                            intern(model, model),
+                            intern(provider, provider),
+                            intern(status, status),
+                        )  # type: ignore[arg-type]
+                    )
+            start = end + 1
+        source.entries.extend(entries)
+        self.index.extend(entries)
+

@@ -1,0 +1,151 @@
+"""The append side of the JSONL audit file: whole-line O_APPEND writes under a shared flock.
+
+Several processes (hypercorn workers) may append to one file. Each batch is written with
+os.write on an O_APPEND descriptor while holding an exclusive flock on `<path>.lock`, so:
+- batches never interleave, and a writer that finds the file not ending in a newline knows
+  the fragment was left by a writer that died mid-write, and cuts it off before appending;
+- a failed (short) write is cut back to where it started, so no fragment stays behind;
+- rotation (rename, then create) happens under the same lock, and a writer that sees the
+  path now names another inode reopens it before writing, so nothing lands in a rotated file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+log = logging.getLogger("crabtrio.audit")
+
+_TAIL_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    size: int  # the file's size after the append
+    reopened: bool  # the path had been replaced (rotated or deleted) and was reopened
+
+
+def fsync_directory(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def last_newline_end(fd: int, size: int) -> int:
+    """Offset just past the last b"\\n" in the first `size` bytes (0 when there is none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - _TAIL_CHUNK)
+        chunk = os.pread(fd, end - start, start)
+        found = chunk.rfind(b"\n")
+        if found >= 0:
+            return start + found + 1
+        end = start
+    return 0
+
+
+class AuditFile:
+    """An append-only audit file that many processes may share. Methods block: use a thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self.lock_path = self.path + ".lock"
+        self._fd = -1
+        self._ino = -1
+        self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            with self.locked():
+                self._open()
+                self.cut_torn_tail()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags)
+        except FileNotFoundError:
+            fd = os.open(self.path, flags | os.O_CREAT, 0o640)
+            os.fsync(fd)
+            fsync_directory(self.path)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._ino = fd, os.fstat(fd).st_ino
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def replaced(self) -> bool:
+        """Whether the path no longer names our inode (deleted, or renamed away by logrotate)."""
+        try:
+            return os.stat(self.path).st_ino != self._ino or os.fstat(self._fd).st_nlink == 0
+        except FileNotFoundError:
+            return True
+
+    def reopen_if_replaced(self) -> bool:
+        """Call with the lock held. Reopen (creating) the path if it names another inode now."""
+        if not self.replaced():
+            return False
+        self._open()
+        return True
+
+    def cut_torn_tail(self) -> int:
+        """Call with the lock held. Truncate a trailing partial line; return the bytes cut."""
+        size = os.fstat(self._fd).st_size
+        if size == 0 or os.pread(self._fd, 1, size - 1) == b"\n":
+            return 0
+        keep = last_newline_end(self._fd, size)
+        os.ftruncate(self._fd, keep)
+        log.warning(
+            "audit: cut a torn trailing line of %d bytes from %s (a writer died mid-write)",
+            size - keep,
+            self.path,
+        )
+        return size - keep
+
+    def append(self, data: bytes) -> AppendResult:
+        """Append whole lines with one O_APPEND write (looping on short writes), under the lock.
+
+        On failure (disk full, I/O error) the file is cut back to its size before this call,
+        so it never keeps a fragment, and the OSError propagates; the caller retries later.
+        """
+        with self.locked():
+            reopened = self.reopen_if_replaced()
+            self.cut_torn_tail()
+            start = os.fstat(self._fd).st_size
+            view = memoryview(data)
+            try:
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+            except OSError:
+                if len(view) < len(data):
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._fd, start)
+                raise
+            return AppendResult(start + len(data), reopened)
+
+    def fsync(self) -> None:
+        os.fsync(self._fd)
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def close(self) -> None:
+        for fd in (self._fd, self._lock_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fd = self._lock_fd = -1

@@ -1,0 +1,223 @@
+"""AuditLogger: hands records from requests to one writer task that batches them to disk."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import trio
+
+from ..config import AuditConfig
+from .record import AuditRecord
+from .store import AuditFile
+
+log = logging.getLogger("crabtrio.audit")
+
+# How long the writer lets records gather before a write, outside "always" mode: long enough
+# to batch many requests into one write, far below the 1 s in which `tail -f` must see them.
+LINGER_SECONDS = 0.01
+# How often an idle writer looks for a deleted or rotated file, and how soon it retries a
+# failed write (a full disk): both well inside the 1 s the operator is promised.
+IDLE_CHECK_SECONDS = 0.5
+RETRY_SECONDS = 0.2
+# At shutdown the final flush may outlive a cancellation by this much.
+FLUSH_GRACE_SECONDS = 5.0
+
+
+@dataclass(slots=True)
+class AuditStatistics:
+    state: str = "ok"  # ok | degraded
+    reason: str | None = None
+    sync: str = "interval"
+    written: int = 0
+    fsyncs: int = 0
+    pending: int = 0
+    failed_writes: int = 0
+    refused: int = 0
+    corrupt_lines_skipped: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class AuditLogger:
+    """Owns the audit file's writer task; `record()` queues without blocking or awaiting.
+
+    The queue itself never drops: `record()` always succeeds, and `admit()` turns new
+    requests away (503) while `queue_max` records wait, so memory stays bounded even when
+    the disk stalls.
+    """
+
+    def __init__(self, config: AuditConfig, file: AuditFile | None) -> None:
+        self.config = config
+        self._file = file
+        self._pending: deque[AuditRecord] = deque()
+        self._wake = trio.Event()
+        self._durable_changed = trio.Event()
+        self._accepted = 0  # records accepted, ever: a record's sequence number
+        self._written = 0  # records on disk (write returned)
+        self._durable = 0  # records fsynced
+        self._closed = False
+        self._finished = False
+        self._last_fsync = time.monotonic()
+        self._dirty = False
+        # Called after each successful write (the reader follows the file at once).
+        self.on_written: Callable[[], None] = lambda: None
+        self._stats = AuditStatistics(sync=config.sync)
+        self._linger = 0.0 if config.sync == "always" else LINGER_SECONDS
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: AuditConfig) -> AsyncIterator[AuditLogger]:
+        """Open the file (raising OSError if it cannot be written) and run the writer."""
+        if not config.enabled:
+            yield cls(config, None)
+            return
+        file = await trio.to_thread.run_sync(AuditFile, config.path)
+        logger = cls(config, file)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(logger._run)
+                try:
+                    yield logger
+                finally:
+                    logger._closed = True
+                    logger._wake.set()
+        finally:
+            file.close()
+
+    @property
+    def enabled(self) -> bool:
+        return self._file is not None
+
+    def record(self, record: AuditRecord) -> int:
+        """Queue one record and return its sequence number. Never blocks: safe in `finally`."""
+        if self._file is None:
+            return 0
+        self._accepted += 1
+        if self._finished:  # pragma: no cover - hypercorn ends requests before lifespan shutdown
+            self._write_late(record)
+            return self._accepted
+        self._pending.append(record)
+        self._wake.set()
+        return self._accepted
+
+    def admit(self) -> bool:
+        """Whether a new request may start: False while `queue_max` records wait for the disk."""
+        if len(self._pending) < self.config.queue_max:
+            return True
+        self._stats.refused += 1
+        return False
+
+    async def wait_durable(self, sequence: int) -> None:
+        """Wait until the record with this sequence number is fsynced ("always" mode)."""
+        while self._durable < sequence and not self._finished:
+            await self._durable_changed.wait()
+
+    def statistics(self) -> AuditStatistics:
+        stats = self._stats
+        stats.pending = len(self._pending)
+        return AuditStatistics(**asdict(stats))
+
+    async def _run(self) -> None:
+        try:
+            while self._pending or not self._closed:
+                if not self._pending:
+                    await self._idle()
+                    continue
+                if self._linger and not self._closed:
+                    await trio.sleep(self._linger)
+                if not await self._write_pending():
+                    await trio.sleep(RETRY_SECONDS)
+        finally:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + FLUSH_GRACE_SECONDS
+                await self._write_pending(final=True)
+            self._finished = True
+            self._durable_changed.set()
+            if self._pending:
+                log.error("audit: %d record(s) could not be written at shutdown", len(self._pending))
+
+    async def _idle(self) -> None:
+        """Sleep until a record arrives, an interval fsync falls due, or it is time to check."""
+        timeout = IDLE_CHECK_SECONDS
+        if self._dirty and self.config.sync == "interval":
+            due = self._last_fsync + self.config.sync_interval_ms / 1000 - time.monotonic()
+            timeout = max(0.0, min(timeout, due))
+        with trio.move_on_after(timeout):
+            await self._wake.wait()
+        self._wake = trio.Event()
+        if not self._pending:
+            await self._write_pending()  # an empty batch: fsync if due, reopen if replaced
+
+    def _fsync_due(self, final: bool) -> bool:
+        mode = self.config.sync
+        if mode == "never" or not (self._dirty or final):
+            return False
+        if mode == "always" or final:
+            return True
+        interval = self.config.sync_interval_ms / 1000
+        return time.monotonic() - self._last_fsync >= interval
+
+    async def _write_pending(self, *, final: bool = False) -> bool:
+        """Write what is queued (one write), fsync when the mode says so; False on failure."""
+        assert self._file is not None
+        batch = list(self._pending)
+        if not batch and not (self._dirty or final):
+            if self._file.replaced():
+                batch = []  # fall through: append(b"") reopens the file under the lock
+            else:
+                return True
+        fsync = self._fsync_due(final) or (bool(batch) and self.config.sync == "always")
+        try:
+            reopened = await trio.to_thread.run_sync(self._write_sync, batch, fsync)
+        except OSError as exc:
+            self._failed(exc)
+            return False
+        for _ in batch:
+            self._pending.popleft()
+        self._written += len(batch)
+        self._stats.written += len(batch)
+        self._dirty = self._dirty or bool(batch)
+        if fsync:
+            self._durable = self._written
+            self._dirty = False
+            self._stats.fsyncs += 1
+            self._durable_changed.set()
+            self._durable_changed = trio.Event()
+        if reopened:
+            log.warning("audit: %s was deleted or renamed; recreated it", self._file.path)
+        if self._stats.state != "ok":
+            log.warning("audit: writing to %s again", self._file.path)
+            self._stats.state, self._stats.reason = "ok", None
+        if batch:
+            self.on_written()
+        return True
+
+    def _write_sync(self, batch: list[AuditRecord], fsync: bool) -> bool:
+        """Runs in a worker thread: encode, append under the lock, maybe fsync."""
+        assert self._file is not None
+        result = self._file.append(b"".join([record.to_line() for record in batch]))
+        if fsync:
+            self._file.fsync()
+            self._last_fsync = time.monotonic()
+        return result.reopened
+
+    def _failed(self, exc: OSError) -> None:
+        self._stats.failed_writes += 1
+        reason = f"cannot write {self.config.path}: {exc.strerror or exc}"
+        if self._stats.state != "degraded" or self._stats.reason != reason:
+            log.error("audit: %s; %d record(s) held in memory, retrying", reason, len(self._pending))
+        self._stats.state, self._stats.reason = "degraded", reason
+
+    def _write_late(self, record: AuditRecord) -> None:  # pragma: no cover - see record()
+        assert self._file is not None
+        try:
+            self._write_sync([record], fsync=self.config.sync != "never")
+        except OSError as exc:
+            log.error("audit: lost record %s after shutdown: %s", record.request_id, exc)

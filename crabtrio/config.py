@@ -1,0 +1,365 @@
+"""Load and validate crabtrio's TOML configuration into frozen dataclasses."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ENV_CONFIG = "CRABTRIO_CONFIG"
+LOCAL_CONFIG = "crabtrio.toml"
+EMBEDDED_SOURCE = "<embedded default config>"
+PROVIDER_KINDS = ("openai", "mock")
+SYNC_MODES = ("interval", "always", "never")
+DEFAULT_AUDIT_PATH = "crabtrio-audit.jsonl"
+
+EMBEDDED_DEFAULT = """
+# Serves out of the box: a built-in mock provider, no virtual keys, audit next to the cwd.
+[providers.mock]
+kind = "mock"
+models = ["mock-chat", "mock-embed"]
+
+[aliases]
+mock = "mock-chat"
+
+[pricing.mock-chat]
+prompt_cost_per_million = 0.15
+completion_cost_per_million = 0.60
+
+[audit]
+path = "crabtrio-audit.jsonl"
+"""
+
+
+class ConfigError(Exception):
+    """A configuration problem; its message is one line naming the file and the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    kind: Literal["openai", "mock"]
+    base_url: str
+    api_key: str | None
+    models: tuple[str, ...]
+    weight: float = 1.0
+    max_retries: int = 2
+    timeout: float = 30.0
+    # Built-in mock only: content chunks per stream and the pause between them.
+    chunks: int = 8
+    delay_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class KeyConfig:
+    name: str
+    key: str
+    models: tuple[str, ...] = ("*",)
+
+    def allows(self, model: str, requested: str) -> bool:
+        return "*" in self.models or model in self.models or requested in self.models
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    prompt_cost_per_million: float = 0.0
+    completion_cost_per_million: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    path: str = DEFAULT_AUDIT_PATH
+    enabled: bool = True
+    sync: Literal["interval", "always", "never"] = "interval"
+    sync_interval_ms: int = 100
+    # Bound on records accepted but not yet written; past it new requests get a 503.
+    queue_max: int = 100_000
+    max_file_mb: float | None = None
+    retention_days: float | None = None
+    max_total_mb: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    providers: Mapping[str, ProviderConfig]
+    keys: tuple[KeyConfig, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    pricing: Mapping[str, Pricing] = field(default_factory=dict)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    admin_token: str | None = None
+    max_body_mb: float = 16.0
+    source: str = EMBEDDED_SOURCE
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def models(self) -> list[str]:
+        """Canonical model names, in the order the providers list them."""
+        seen: dict[str, None] = {}
+        for provider in self.providers.values():
+            seen.update(dict.fromkeys(provider.models))
+        return list(seen)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Find and load the config: `path`, then $CRABTRIO_CONFIG, then ./crabtrio.toml, else default."""
+    if path is None:
+        path = os.environ.get(ENV_CONFIG) or None
+    if path is None and Path(LOCAL_CONFIG).is_file():
+        path = LOCAL_CONFIG
+    if path is None:
+        return parse_config(EMBEDDED_DEFAULT, EMBEDDED_SOURCE)
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read config file: {exc}") from None
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: str = EMBEDDED_SOURCE) -> Config:
+    """Parse TOML text into a validated Config; raise ConfigError naming `source` and a field."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    return _Parser(source).config(raw)
+
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Parser:
+    """Walks the raw TOML tables; every error names the dotted field it concerns."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.warnings: list[str] = []
+
+    def fail(self, where: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {where}: {problem}")
+
+    def expand(self, where: str, value: str) -> str:
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            found = os.environ.get(name)
+            if found is None or (found == "" and default is not None):
+                if default is None:
+                    raise self.fail(where, f"environment variable {name} is not set")
+                return default
+            return found
+
+        return _ENV_PATTERN.sub(substitute, value) if "${" in value else value
+
+    def table(self, where: str, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(where, f"expected a table, got {_kind(value)}")
+        return value
+
+    def string(self, where: str, value: Any, *, empty: bool = False) -> str:
+        if not isinstance(value, str):
+            raise self.fail(where, f"expected a string, got {_kind(value)}")
+        value = self.expand(where, value)
+        if not value and not empty:
+            raise self.fail(where, "must not be empty")
+        return value
+
+    def strings(self, where: str, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.fail(where, f"expected a non-empty list of strings, got {_kind(value)}")
+        return tuple(self.string(f"{where}[{i}]", item) for i, item in enumerate(value))
+
+    def number(self, where: str, value: Any, *, minimum: float, strict: bool = False) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(where, f"expected a number, got {_kind(value)}")
+        if value < minimum or (strict and value == minimum):
+            bound = "greater than" if strict else "at least"
+            raise self.fail(where, f"must be {bound} {minimum:g}, got {value!r}")
+        return float(value)
+
+    def integer(self, where: str, value: Any, *, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(where, f"expected an integer, got {_kind(value)}")
+        if value < minimum:
+            raise self.fail(where, f"must be at least {minimum}, got {value}")
+        return value
+
+    def boolean(self, where: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(where, f"expected true or false, got {_kind(value)}")
+        return value
+
+    def known(self, where: str, table: dict[str, Any], allowed: tuple[str, ...]) -> None:
+        for name in table:
+            if name not in allowed:
+                prefix = f"{where}." if where else ""
+                self.warnings.append(f"{self.source}: {prefix}{name}: unknown setting, ignored")
+
+    def config(self, raw: dict[str, Any]) -> Config:
+        self.known(
+            "",
+            raw,
+            ("admin_token", "providers", "keys", "aliases", "pricing", "audit", "max_body_mb"),
+        )
+        providers = self.providers(raw.get("providers"))
+        served = {model for provider in providers.values() for model in provider.models}
+        aliases = self.aliases(raw.get("aliases", {}), served)
+        keys = self.keys(raw.get("keys", []), served | set(aliases))
+        pricing = {
+            model: self.pricing(f"pricing.{model}", entry)
+            for model, entry in self.table("pricing", raw.get("pricing", {})).items()
+        }
+        admin_token = raw.get("admin_token")
+        if admin_token is not None:
+            admin_token = self.string("admin_token", admin_token, empty=True) or None
+        max_body_mb = self.number(
+            "max_body_mb", raw.get("max_body_mb", 16.0), minimum=0, strict=True
+        )
+        return Config(
+            providers=providers,
+            keys=keys,
+            aliases=aliases,
+            pricing=pricing,
+            audit=self.audit(raw.get("audit", {})),
+            admin_token=admin_token,
+            max_body_mb=max_body_mb,
+            source=self.source,
+            warnings=tuple(self.warnings),
+        )
+
+    def providers(self, raw: Any) -> dict[str, ProviderConfig]:
+        if raw is None:
+            raise self.fail("providers", "at least one [providers.NAME] table is required")
+        providers: dict[str, ProviderConfig] = {}
+        for name, entry in self.table("providers", raw).items():
+            where = f"providers.{name}"
+            entry = self.table(where, entry)
+            self.known(
+                where,
+                entry,
+                ("kind", "base_url", "api_key", "models", "weight", "max_retries", "timeout")
+                + ("chunks", "delay_ms"),
+            )
+            kind = self.string(f"{where}.kind", entry.get("kind", "openai"))
+            if kind not in PROVIDER_KINDS:
+                raise self.fail(
+                    f"{where}.kind", f"unknown provider kind {kind!r} (use one of: openai, mock)"
+                )
+            if "models" not in entry:
+                raise self.fail(f"{where}.models", "missing: list the models this provider serves")
+            base_url = self.string(
+                f"{where}.base_url", entry.get("base_url", "https://api.openai.com/v1")
+            )
+            if kind == "openai" and not base_url.startswith(("http://", "https://")):
+                raise self.fail(f"{where}.base_url", "must start with http:// or https://")
+            api_key = entry.get("api_key")
+            providers[name] = ProviderConfig(
+                name=name,
+                kind=kind,  # type: ignore[arg-type]
+                base_url=base_url.rstrip("/"),
+                api_key=None if api_key is None else self.string(f"{where}.api_key", api_key),
+                models=self.strings(f"{where}.models", entry["models"]),
+                weight=self.number(f"{where}.weight", entry.get("weight", 1), minimum=0, strict=True),
+                max_retries=self.integer(
+                    f"{where}.max_retries", entry.get("max_retries", 2), minimum=0
+                ),
+                timeout=self.number(
+                    f"{where}.timeout", entry.get("timeout", 30), minimum=0, strict=True
+                ),
+                chunks=self.integer(f"{where}.chunks", entry.get("chunks", 8), minimum=1),
+                delay_ms=self.number(f"{where}.delay_ms", entry.get("delay_ms", 0), minimum=0),
+            )
+        if not providers:
+            raise self.fail("providers", "at least one [providers.NAME] table is required")
+        return providers
+
+    def aliases(self, raw: Any, served: set[str]) -> dict[str, str]:
+        aliases: dict[str, str] = {}
+        for alias, target in self.table("aliases", raw).items():
+            where = f"aliases.{alias}"
+            target = self.string(where, target)
+            if target not in served:
+                raise self.fail(where, f"points to model {target!r}, which no provider serves")
+            if alias in served:
+                raise self.fail(where, "is also a model name served by a provider; rename it")
+            aliases[alias] = target
+        return aliases
+
+    def keys(self, raw: Any, known_models: set[str]) -> tuple[KeyConfig, ...]:
+        if not isinstance(raw, list):
+            raise self.fail("keys", f"expected [[keys]] tables, got {_kind(raw)}")
+        keys: list[KeyConfig] = []
+        names: set[str] = set()
+        secrets: set[str] = set()
+        for i, entry in enumerate(raw):
+            where = f"keys[{i}]"
+            entry = self.table(where, entry)
+            self.known(where, entry, ("name", "key", "models"))
+            for required in ("name", "key"):
+                if required not in entry:
+                    raise self.fail(f"{where}.{required}", "missing")
+            name = self.string(f"{where}.name", entry["name"])
+            secret = self.string(f"{where}.key", entry["key"])
+            if name in names:
+                raise self.fail(f"{where}.name", f"duplicate key name {name!r}")
+            if secret in secrets:
+                raise self.fail(f"{where}.key", "the same key is configured twice")
+            models = self.strings(f"{where}.models", entry.get("models", ["*"]))
+            for model in models:
+                if model != "*" and model not in known_models:
+                    self.warnings.append(
+                        f"{self.source}: {where}.models: {model!r} is not served by any provider"
+                    )
+            names.add(name)
+            secrets.add(secret)
+            keys.append(KeyConfig(name=name, key=secret, models=models))
+        return tuple(keys)
+
+    def pricing(self, where: str, raw: Any) -> Pricing:
+        entry = self.table(where, raw)
+        names = ("prompt_cost_per_million", "completion_cost_per_million")
+        self.known(where, entry, names)
+        prompt, completion = (
+            self.number(f"{where}.{name}", entry.get(name, 0), minimum=0) for name in names
+        )
+        return Pricing(prompt, completion)
+
+    def audit(self, raw: Any) -> AuditConfig:
+        entry = self.table("audit", raw)
+        fields = ("path", "enabled", "sync", "sync_interval_ms", "queue_max")
+        limits = ("max_file_mb", "retention_days", "max_total_mb")
+        self.known("audit", entry, fields + limits)
+        sync = self.string("audit.sync", entry.get("sync", "interval"))
+        if sync not in SYNC_MODES:
+            raise self.fail("audit.sync", f"unknown mode {sync!r} (use interval, always or never)")
+
+        def optional(name: str, check: Callable[[str, Any], float]) -> float | None:
+            return None if name not in entry else check(f"audit.{name}", entry[name])
+
+        def positive(where: str, value: Any) -> float:
+            return self.number(where, value, minimum=0, strict=True)
+
+        return AuditConfig(
+            path=self.string("audit.path", entry.get("path", DEFAULT_AUDIT_PATH)),
+            enabled=self.boolean("audit.enabled", entry.get("enabled", True)),
+            sync=sync,  # type: ignore[arg-type]
+            sync_interval_ms=self.integer(
+                "audit.sync_interval_ms", entry.get("sync_interval_ms", 100), minimum=1
+            ),
+            queue_max=self.integer("audit.queue_max", entry.get("queue_max", 100_000), minimum=1),
+            max_file_mb=optional("max_file_mb", positive),
+            retention_days=optional("retention_days", positive),
+            max_total_mb=optional("max_total_mb", positive),
+        )
+
+
+def _kind(value: Any) -> str:
+    """Name a TOML value's type without echoing it (it may be a secret)."""
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    names |= {list: "a list", dict: "a table"}
+    return names.get(type(value), type(value).__name__)

@@ -1,0 +1,91 @@
+"""Client-visible failures, each rendered in OpenAI's error shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class GatewayError(Exception):
+    """A failure the client sees as `{"error": {"message", "type", "code"}}` with `status`."""
+
+    status: int = 500
+    kind: str = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code if code is not None else self.default_code
+        self.param = param
+        if status is not None:
+            self.status = status
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"message": str(self), "type": self.kind, "code": self.code}
+        if self.param is not None:
+            error["param"] = self.param
+        return {"error": error}
+
+    def body_bytes(self) -> bytes:
+        return orjson.dumps(self.body())
+
+
+class InvalidRequest(GatewayError):
+    status, kind, default_code = 400, "invalid_request_error", "invalid_request"
+
+
+class Unauthorized(GatewayError):
+    status, kind, default_code = 401, "authentication_error", "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status, kind, default_code = 403, "permission_error", "model_not_allowed"
+
+
+class NotFound(GatewayError):
+    status, kind, default_code = 404, "invalid_request_error", "not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status, kind, default_code = 413, "invalid_request_error", "request_too_large"
+
+
+class UpstreamError(GatewayError):
+    """The upstream answered with an error status, or could not be reached (502)."""
+
+    status, kind, default_code = 502, "upstream_error", "upstream_error"
+
+
+class UpstreamTimeout(GatewayError):
+    status, kind, default_code = 504, "timeout_error", "upstream_timeout"
+
+
+class Unavailable(GatewayError):
+    status, kind, default_code = 503, "server_error", "unavailable"
+
+
+class UpstreamResponse(Exception):
+    """An upstream 4xx to relay as-is: its status and its (scrubbed) JSON error body."""
+
+    def __init__(self, status: int, body: bytes, provider: str) -> None:
+        super().__init__(f"upstream {provider} returned {status}")
+        self.status = status
+        self.body = body
+        self.provider = provider
+
+
+def error_body(status: int, message: str, kind: str, code: str | None) -> bytes:
+    """Encode an OpenAI-shaped error body for failures that are not GatewayErrors."""
+    return orjson.dumps({"error": {"message": message, "type": kind, "code": code}})

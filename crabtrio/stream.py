@@ -1,0 +1,100 @@
+"""Relay an opened upstream SSE stream to the client, event by event, and record its end."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import orjson
+
+from . import sse
+from .audit import PendingRecord
+from .errors import UpstreamError, UpstreamTimeout
+from .providers import OpenedStream
+from .upstream import UpstreamFailure, failure_mid_body
+
+
+class _UsageFilter:
+    """Notes `usage` as it passes; drops the usage-only chunk the client did not ask for."""
+
+    __slots__ = ("_pending", "_wants_usage", "done")
+
+    def __init__(self, pending: PendingRecord, wants_usage: bool) -> None:
+        self._pending = pending
+        self._wants_usage = wants_usage
+        self.done = False  # the upstream sent [DONE]
+
+    def __call__(self, complete: bytes) -> bytes:
+        """Complete events in; the bytes to forward out (usually the same bytes)."""
+        if b'"usage"' not in complete and b"[DONE]" not in complete:
+            return complete
+        out = []
+        for event in sse.split_events(complete):
+            payload = sse.data_of(event)
+            if payload == b"[DONE]":
+                self.done = True
+                break
+            if b'"usage"' in payload:
+                try:
+                    chunk = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    chunk = None
+                if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
+                    self._pending.set_usage(chunk["usage"])
+                    if not self._wants_usage and chunk.get("choices") == []:
+                        continue
+            out.append(event)
+        return b"".join(out)
+
+
+async def relay(
+    opened: OpenedStream,
+    pending: PendingRecord,
+    *,
+    wants_usage: bool,
+    aborted_status: Callable[[], int],
+    wait_recorded: Callable[[int], Awaitable[None]],
+) -> AsyncIterator[bytes]:
+    """Yield the stream's events as they arrive; end with [DONE] once the record is made.
+
+    The record is made exactly once: at [DONE] (200), on an upstream failure mid-stream
+    (502, or 504 when it stalled), or in `finally` when the request is cut off, with the
+    status `aborted_status()` gives (499 for a client that left, 503 for a server cut).
+    """
+    usage = _UsageFilter(pending, wants_usage)
+    try:
+        out = usage(opened.first)
+        if out:
+            yield out
+        if not usage.done:
+            try:
+                async for chunk in opened.chunks:
+                    complete = opened.splitter.feed(chunk)
+                    if complete:
+                        out = usage(complete)
+                        if out:
+                            yield out
+                        if usage.done:
+                            break
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                raise failure_mid_body(exc, opened.provider) from None
+        await wait_recorded(pending.finish(200))
+        yield sse.DONE
+        await opened.drain()
+    except UpstreamFailure as failure:
+        error = UpstreamTimeout(str(failure)) if failure.timeout else UpstreamError(str(failure))
+        pending.finish(error.status, str(failure))
+        yield sse.event(error.body())
+    finally:
+        # Runs on a client disconnect or server cut too, already cancelled: sync calls only,
+        # and a shielded close.
+        if not pending.done:
+            status = aborted_status()
+            pending.finish(status, _ABORT_REASONS.get(status, "stream cut off"))
+        await opened.aclose()
+
+
+_ABORT_REASONS = {
+    499: "client disconnected mid-stream",
+    503: "stream cut by the server (shutdown)",
+}

@@ -1,0 +1,115 @@
+"""The read side: replay exactly the valid records, follow appends, switch after rotation."""
+
+from __future__ import annotations
+
+import os
+
+import orjson
+import trio
+
+from crabtrio.audit.reader import AuditReader
+
+from .records import lines, record
+
+
+def ids(reader: AuditReader, **query: object) -> list[str]:
+    page = reader.index.query(limit=1000, **query)  # type: ignore[arg-type]
+    return [orjson.loads(line)["request_id"] for line in reader.read_lines(page.locations)]
+
+
+def test_replay_keeps_exactly_the_valid_records(tmp_path, caplog) -> None:
+    path = tmp_path / "a.jsonl"
+    good = [record(i).to_line() for i in range(8)]
+    content = (
+        good[0]
+        + b"\x00\x00\x00\n"  # NUL bytes
+        + good[1]
+        + b"not json at all\n"  # mid-file garbage
+        + good[2].replace(b"\n", b"\r\n")  # CRLF
+        + b"\n\n   \n"  # blank lines
+        + b'{"request_id": "\xff\xfe"}\n'  # invalid UTF-8
+        + good[3]
+        + b'["a", "list"]\n'  # valid JSON, wrong shape
+        + b'{"request_id":"x","timestamp":"soon","status":200}\n'  # wrong field type
+        + good[4]
+        + b'{"x":"' + b"y" * (10 * 1024 * 1024) + b'"}\n'  # a 10 MB line
+        + good[5]
+        + b"z" * (17 * 1024 * 1024) + b"\n"  # longer than any line we index
+        + good[6]
+        + good[7]
+    )
+    path.write_bytes(content)
+    reader = AuditReader(str(path))
+    try:
+        reader.replay()
+        assert ids(reader) == [f"req-{i:06d}" for i in reversed(range(8))]
+        assert reader.corrupt_lines == 7
+        assert "skipped 7 corrupt line(s)" in caplog.text
+        first_bad = len(good[0])
+        assert f"first at byte offsets {first_bad}," in caplog.text
+    finally:
+        reader.close()
+
+
+def test_follow_indexes_appends_and_waits_for_whole_lines(tmp_path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(lines(3))
+    reader = AuditReader(str(path))
+    try:
+        reader.replay()
+        assert len(reader.index) == 3
+        more = lines(2, start=3)
+        with open(path, "ab") as f:
+            f.write(more[:10])
+            f.flush()
+            reader.catch_up()
+            assert len(reader.index) == 3  # a partial line waits
+            f.write(more[10:])
+        reader.catch_up()
+        assert ids(reader)[:2] == ["req-000004", "req-000003"]
+    finally:
+        reader.close()
+
+
+def test_rotation_then_retention(tmp_path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(lines(3))
+    reader = AuditReader(str(path))
+    try:
+        reader.replay()
+        with open(path, "ab") as f:
+            f.write(lines(1, start=3))  # written just before the rotation
+        rotated = tmp_path / "a-20260101T000000.000Z.jsonl"
+        os.rename(path, rotated)
+        path.write_bytes(lines(2, start=10))
+        reader.catch_up()
+        assert sorted(ids(reader)) == [f"req-{i:06d}" for i in (0, 1, 2, 3, 10, 11)]
+        os.unlink(rotated)
+        reader.catch_up()
+        assert sorted(ids(reader)) == ["req-000010", "req-000011"]
+    finally:
+        reader.close()
+
+
+def test_restart_replays_rotated_siblings_first(tmp_path) -> None:
+    (tmp_path / "a-20260101T000000.000Z.jsonl").write_bytes(lines(2))
+    (tmp_path / "a-20260102T000000.000Z.jsonl").write_bytes(lines(2, start=2))
+    (tmp_path / "unrelated.jsonl").write_bytes(lines(2, start=50))
+    (tmp_path / "a.jsonl").write_bytes(lines(2, start=4))
+    reader = AuditReader(str(tmp_path / "a.jsonl"))
+    try:
+        reader.replay()
+        assert sorted(ids(reader)) == [f"req-{i:06d}" for i in range(6)]
+    finally:
+        reader.close()
+
+
+async def test_open_follows_in_the_background(tmp_path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b"")
+    async with AuditReader.open(str(path)) as reader:
+        with open(path, "ab") as f:
+            f.write(lines(5))
+        with trio.fail_after(5):
+            while len(reader.index) < 5:
+                await trio.sleep(0.01)
