@@ -29,7 +29,7 @@ from collections import deque
 from typing import Any
 
 CREATED = int(time.time())
-WORDS = "the quick brown fox jumps over the lazy dog".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"]
 
 
 def _json(obj: Any) -> bytes:
@@ -110,9 +110,7 @@ class Replies:
             word = WORDS[i % len(WORDS)]
             delta = {"content": word if i == 0 else " " + word}
             events.append(self.event({"choices": [{"index": 0, "delta": delta}]}))
-        events.append(
-            self.event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        )
+        events.append(self.event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
         return events
 
 

@@ -10,14 +10,15 @@ from typing import Any
 import orjson
 from quart import Blueprint, Response, request
 
-from .services import current_services
 from .audit.index import Cursor
 from .auth import check_admin
 from .errors import InvalidRequest, Unavailable
+from .services import current_services
 
 bp = Blueprint("admin", __name__)
 
 MAX_LIMIT = 1000
+READ_YOUR_WRITES_SECONDS = 1.0
 _INT_PARAMS = {"since": (0, 2**63 - 1), "until": (0, 2**63 - 1), "status": (100, 599)}
 _TEXT_PARAMS = ("key", "model", "provider")
 _KNOWN = {*_INT_PARAMS, *_TEXT_PARAMS, "limit", "before"}
@@ -80,6 +81,8 @@ async def logs() -> Response:
     reader = svc.reader
     if reader is None:
         raise Unavailable("the audit log is disabled in this configuration", code="audit_disabled")
+    # Read your writes: what this process accepted is written and indexed before the query.
+    await svc.audit.wait_written(timeout=READ_YOUR_WRITES_SECONDS)
     reader.catch_up()
     page = reader.index.query(**query)
     body = b"[" + b",".join(reader.read_lines(page.locations)) + b"]"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import MutableMapping
+from typing import Any, cast
 
 import orjson
 from quart import Blueprint, Request, Response, current_app, request
@@ -46,7 +47,7 @@ async def embeddings() -> Response:
 async def _proxy(endpoint: str) -> Response:
     """Authenticate, validate, route and forward one request; record it whatever happens."""
     svc = current_services()
-    scope = request.scope
+    scope = cast("MutableMapping[str, Any]", request.scope)
     pending = PendingRecord(
         svc.audit, svc.config.pricing, scope[REQUEST_ID], endpoint, scope[STARTED]
     )
@@ -60,7 +61,8 @@ async def _proxy(endpoint: str) -> Response:
         key = svc.keys.authenticate(request.headers.get("authorization"))
         if key is not None:
             pending.key_name = key.name
-        body, payload = await _read_object(request)
+        body, raw = await _read_object(request)
+        payload: bytes | None = raw
         requested = body.get("model")
         if not isinstance(requested, str) or not requested:
             raise InvalidRequest("'model' is required and must be a string", param="model")
@@ -110,7 +112,7 @@ async def _start_stream(
         body["stream_options"] = {**(options if isinstance(options, dict) else {})}
         body["stream_options"]["include_usage"] = True
     opened = await open_stream(svc.upstream, plan, body, orjson.dumps(body), pending.set_provider)
-    scope = request.scope
+    scope = cast("MutableMapping[str, Any]", request.scope)
     events = relay(
         opened,
         pending,
@@ -144,7 +146,9 @@ async def _read_object(req: Request) -> tuple[dict[str, Any], bytes]:
     try:
         body = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        raise InvalidRequest(
+            f"request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
     return body, payload

@@ -101,7 +101,7 @@ def create_app(
         stop.set()
         await stopped.wait()
 
-    app.asgi_app = RequestScope(app.asgi_app)  # type: ignore[method-assign]
+    app.asgi_app = RequestScope(app.asgi_app)  # type: ignore[method-assign, assignment, arg-type]
     return app
 
 

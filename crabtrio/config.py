@@ -15,6 +15,10 @@ LOCAL_CONFIG = "crabtrio.toml"
 EMBEDDED_SOURCE = "<embedded default config>"
 PROVIDER_KINDS = ("openai", "mock")
 SYNC_MODES = ("interval", "always", "never")
+PROVIDER_SETTINGS = (
+    *("kind", "base_url", "api_key", "models", "weight", "max_retries", "timeout"),
+    *("chunks", "delay_ms"),  # the built-in mock's pacing
+)
 DEFAULT_AUDIT_PATH = "crabtrio-audit.jsonl"
 
 EMBEDDED_DEFAULT = """
@@ -105,7 +109,7 @@ class Config:
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Find and load the config: `path`, then $CRABTRIO_CONFIG, then ./crabtrio.toml, else default."""
+    """Find the config: `path`, $CRABTRIO_CONFIG, ./crabtrio.toml, else the embedded default."""
     if path is None:
         path = os.environ.get(ENV_CONFIG) or None
     if path is None and Path(LOCAL_CONFIG).is_file():
@@ -164,10 +168,10 @@ class _Parser:
     def string(self, where: str, value: Any, *, empty: bool = False) -> str:
         if not isinstance(value, str):
             raise self.fail(where, f"expected a string, got {_kind(value)}")
-        value = self.expand(where, value)
-        if not value and not empty:
+        text = self.expand(where, value)
+        if not text and not empty:
             raise self.fail(where, "must not be empty")
-        return value
+        return text
 
     def strings(self, where: str, value: Any) -> tuple[str, ...]:
         if not isinstance(value, list) or not value:
@@ -242,8 +246,7 @@ class _Parser:
             self.known(
                 where,
                 entry,
-                ("kind", "base_url", "api_key", "models", "weight", "max_retries", "timeout")
-                + ("chunks", "delay_ms"),
+                PROVIDER_SETTINGS,
             )
             kind = self.string(f"{where}.kind", entry.get("kind", "openai"))
             if kind not in PROVIDER_KINDS:
@@ -264,7 +267,9 @@ class _Parser:
                 base_url=base_url.rstrip("/"),
                 api_key=None if api_key is None else self.string(f"{where}.api_key", api_key),
                 models=self.strings(f"{where}.models", entry["models"]),
-                weight=self.number(f"{where}.weight", entry.get("weight", 1), minimum=0, strict=True),
+                weight=self.number(
+                    f"{where}.weight", entry.get("weight", 1), minimum=0, strict=True
+                ),
                 max_retries=self.integer(
                     f"{where}.max_retries", entry.get("max_retries", 2), minimum=0
                 ),

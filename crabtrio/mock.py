@@ -14,10 +14,11 @@ import trio
 from .config import ProviderConfig
 from .sse import DONE, event
 
-_WORDS = (
+_REPLY = (
     "crabtrio answers from its built-in mock provider with a deterministic reply so that "
     "clients dashboards and audit consumers can be tried without any upstream account"
-).split()
+)
+_WORDS = _REPLY.split()
 
 
 def _reply_words(body: dict[str, Any], provider: ProviderConfig) -> tuple[list[str], str]:
@@ -41,7 +42,11 @@ def _prompt_tokens(value: Any) -> int:
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def _completion_id(body: dict[str, Any]) -> str:
@@ -101,7 +106,11 @@ async def chat_stream(body: dict[str, Any], provider: ProviderConfig) -> AsyncIt
 def embeddings(body: dict[str, Any], provider: ProviderConfig) -> bytes:
     """Deterministic unit-length-ish vectors derived from each input's hash."""
     inputs = body.get("input")
-    items = inputs if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else [inputs]
+    items = (
+        inputs
+        if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int)
+        else [inputs]
+    )
     dims = body.get("dimensions")
     dims = dims if type(dims) is int and 0 < dims <= 4096 else 16
     data = []

@@ -98,9 +98,7 @@ class _Attempts:
         return self.last
 
 
-async def _check_status(
-    response: httpx.Response, provider: ProviderConfig
-) -> UpstreamError | None:
+async def _check_status(response: httpx.Response, provider: ProviderConfig) -> UpstreamError | None:
     """None for 2xx; an UpstreamError for a transient status; raise UpstreamResponse for 4xx."""
     status = response.status_code
     if 200 <= status < 300:
@@ -125,7 +123,9 @@ async def call_json(
     for provider, retry in attempts:
         await attempts.begin(provider, retry)
         if provider.kind == "mock":
-            return mock.chat(body, provider) if endpoint == "chat" else mock.embeddings(body, provider)
+            return (
+                mock.chat(body, provider) if endpoint == "chat" else mock.embeddings(body, provider)
+            )
         try:
             response = await client.post(provider, PATHS[endpoint], payload)
             problem = await _check_status(response, provider)
@@ -151,7 +151,9 @@ async def open_stream(
         if provider.kind == "mock":
             chunks = mock.chat_stream(body, provider)
             splitter = EventSplitter()
-            return OpenedStream(provider, splitter.feed(await anext(chunks)), splitter, chunks, None)
+            return OpenedStream(
+                provider, splitter.feed(await anext(chunks)), splitter, chunks, None
+            )
         response: httpx.Response | None = None
         opened: OpenedStream | None = None
         try:

@@ -16,9 +16,7 @@ def event(payload: dict[str, Any]) -> bytes:
 def data_of(event: bytes) -> bytes:
     """The `data:` payload of one event (the lines joined, as the SSE spec says)."""
     parts = [
-        line[5:].removeprefix(b" ")
-        for line in event.split(b"\n")
-        if line.startswith(b"data:")
+        line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
     ]
     return b"\n".join(parts)
 

@@ -7,6 +7,7 @@ URL merging, which cost more than the call itself on a fast upstream.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -147,10 +148,8 @@ async def close_quietly(response: httpx.Response) -> None:
     """Close a response even from a cancelled scope (shielded, bounded)."""
     with trio.CancelScope(shield=True) as scope:
         scope.deadline = trio.current_time() + 1.0
-        try:
+        with contextlib.suppress(httpx.HTTPError, OSError):
             await response.aclose()
-        except (httpx.HTTPError, OSError):
-            pass
 
 
 def describe(exc: BaseException) -> str:

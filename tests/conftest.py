@@ -24,7 +24,16 @@ class _HeaviestFirst(random.Random):
     """Routing's weighted pick, made deterministic: always the heaviest provider."""
 
     def choices(self, population, weights=None, **_):  # type: ignore[override]
-        return [max(zip(weights or [1] * len(population), range(len(population)), population))[2]]
+        return [
+            max(
+                zip(
+                    weights or [1] * len(population),
+                    range(len(population)),
+                    population,
+                    strict=True,
+                )
+            )[2]
+        ]
 
 
 @pytest.fixture(autouse=True)

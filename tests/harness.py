@@ -62,7 +62,9 @@ def chat_answer(usage: bool = True) -> dict[str, Any]:
         "object": "chat.completion",
         "created": 1,
         "model": "gpt-4o",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        ],
     }
     if usage:
         answer["usage"] = {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200}
@@ -82,7 +84,9 @@ def stream_chunks(words: list[str], *, usage: bool = True) -> bytes:
         {"choices": [{"index": 0, "delta": {"content": word}}], "usage": None} for word in words
     ]
     if usage:
-        events.append({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": len(words)}})
+        events.append(
+            {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": len(words)}}
+        )
     events.append(b"[DONE]")
     return sse(*events)
 
@@ -116,6 +120,9 @@ class Gateway:
                 pass
             if disconnect_after is not None:
                 await connection.disconnect()
+                # quart-trio's test connection would wait forever on its response channel,
+                # which a cancelled app never closes: close our end so its exit skips the wait.
+                await connection._client_receive.aclose()  # type: ignore[attr-defined]
             status, response_headers = connection.status_code, connection.headers
         return Response(b"".join(chunks), status, response_headers)
 
@@ -137,7 +144,9 @@ async def gateway(
     app_config: dict[str, Any] | None = None,
 ) -> AsyncIterator[Gateway]:
     audit_path = tmp_path / "audit.jsonl"
-    config = parse_config(top + base + extra + f'\n[audit]\npath = "{audit_path}"\n{audit}\n', "test.toml")
+    config = parse_config(
+        top + base + extra + f'\n[audit]\npath = "{audit_path}"\n{audit}\n', "test.toml"
+    )
     transport = httpx.MockTransport(handler) if handler is not None else None
     app = create_app(config, transport=transport)
     app.config.update(app_config or {})

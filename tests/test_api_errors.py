@@ -27,8 +27,20 @@ def error_of(body: bytes) -> dict:
         (TEAM_A, b'{"model": 42}', 400, "invalid_request", "team-a"),
         (TEAM_A, b'{"model": "gpt-4o", "stream": "yes"}', 400, "invalid_request", "team-a"),
         (TEAM_A, b'{"model": "no-such-model"}', 404, "model_not_found", "team-a"),
-        ({"authorization": "Bearer sk-team-b"}, b'{"model": "gpt4"}', 403, "model_not_allowed", "team-b"),
-        (TEAM_A, b'{"model": "gpt-4o", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid_json", "team-a"),
+        (
+            {"authorization": "Bearer sk-team-b"},
+            b'{"model": "gpt4"}',
+            403,
+            "model_not_allowed",
+            "team-b",
+        ),
+        (
+            TEAM_A,
+            b'{"model": "gpt-4o", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+            400,
+            "invalid_json",
+            "team-a",
+        ),
         (TEAM_A, b'{"model": "gpt-4o", "x": "\\ud800"}', 400, "invalid_json", "team-a"),
     ],
 )
@@ -61,7 +73,10 @@ async def test_body_over_the_limit_is_413_and_recorded(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path", "status", "code"),
-    [("GET", "/nope", 404, "not_found"), ("GET", "/v1/chat/completions", 405, "method_not_allowed")],
+    [
+        ("GET", "/nope", 404, "not_found"),
+        ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
+    ],
 )
 async def test_framework_errors_are_json_too(tmp_path, method, path, status, code) -> None:
     async with gateway(tmp_path) as gw:
@@ -75,9 +90,16 @@ async def test_framework_errors_are_json_too(tmp_path, method, path, status, cod
 async def test_models_needs_a_key_and_lists_what_it_allows(tmp_path) -> None:
     async with gateway(tmp_path) as gw:
         assert (await gw.client.get("/v1/models")).status_code == 401
-        everything = orjson.loads(await (await gw.client.get("/v1/models", headers=TEAM_A)).get_data())
+        everything = orjson.loads(
+            await (await gw.client.get("/v1/models", headers=TEAM_A)).get_data()
+        )
         assert everything["object"] == "list"
-        assert {m["id"] for m in everything["data"]} == {"gpt-4o", "text-embedding-3-small", "mock-chat", "gpt4"}
+        assert {m["id"] for m in everything["data"]} == {
+            "gpt-4o",
+            "text-embedding-3-small",
+            "mock-chat",
+            "gpt4",
+        }
         limited = await gw.client.get("/v1/models", headers={"authorization": "Bearer sk-team-b"})
         assert [m["id"] for m in orjson.loads(await limited.get_data())["data"]] == ["mock-chat"]
 
@@ -89,4 +111,6 @@ async def test_health_needs_no_key(tmp_path) -> None:
         assert response.status_code == 200
         assert body["status"] == "ok"
         assert body["audit"]["state"] == "ok"
-        assert {"written", "fsyncs", "pending", "failed_writes", "corrupt_lines_skipped"} <= set(body["audit"])
+        assert {"written", "fsyncs", "pending", "failed_writes", "corrupt_lines_skipped"} <= set(
+            body["audit"]
+        )

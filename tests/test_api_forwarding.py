@@ -10,9 +10,14 @@ import orjson
 import pytest
 import trio
 
-from .harness import TEAM_A, chat_answer, gateway, sse, stream_chunks
+from .harness import TEAM_A, chat_answer, gateway, stream_chunks
 
-CHAT = {"model": "gpt4", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}], "x_vendor_field": {"a": 1}}
+CHAT = {
+    "model": "gpt4",
+    "messages": [{"role": "user", "content": "hi"}],
+    "tools": [{"type": "function", "function": {"name": "f"}}],
+    "x_vendor_field": {"a": 1},
+}
 
 
 class Upstream:
@@ -84,7 +89,9 @@ async def test_upstream_4xx_is_relayed_without_retry_and_secrets_scrubbed(tmp_pa
     async def handler(request: httpx.Request) -> httpx.Response:
         upstream.note(request)
         message = f"bad key {request.headers['authorization']}"
-        return httpx.Response(400, json={"error": {"message": message, "type": "invalid_request_error", "code": "x"}})
+        return httpx.Response(
+            400, json={"error": {"message": message, "type": "invalid_request_error", "code": "x"}}
+        )
 
     async with gateway(tmp_path, handler) as gw:
         response = await gw.post("/v1/chat/completions", CHAT, headers=TEAM_A)
@@ -108,7 +115,10 @@ async def test_429_retries_then_falls_back_to_the_next_provider(tmp_path) -> Non
     async with gateway(tmp_path, handler) as gw:
         response = await gw.post("/v1/chat/completions", CHAT, headers=TEAM_A)
         assert response.status_code == 200
-    assert upstream.calls == {"upstream.test": 2, "backup.test": 1}  # 1 + max_retries, then fallback
+    assert upstream.calls == {
+        "upstream.test": 2,
+        "backup.test": 1,
+    }  # 1 + max_retries, then fallback
     (record,) = gw.records()
     assert (record["provider"], record["status"]) == ("backup", 200)
 
@@ -137,7 +147,9 @@ async def test_unreachable_upstreams_give_502(tmp_path) -> None:
     async with gateway(tmp_path, handler) as gw:
         response = await gw.post("/v1/chat/completions", CHAT, headers=TEAM_A)
         assert response.status_code == 502
-        assert "cannot reach upstream" in orjson.loads(await response.get_data())["error"]["message"]
+        assert (
+            "cannot reach upstream" in orjson.loads(await response.get_data())["error"]["message"]
+        )
     assert gw.records()[0]["status"] == 502
 
 
@@ -161,13 +173,26 @@ async def test_all_attempts_timing_out_give_504(tmp_path, idle_jump_clock) -> No
 async def test_embeddings_are_routed_and_recorded(tmp_path) -> None:
     async def handler(request: httpx.Request) -> httpx.Response:
         assert request.url.path == "/v1/embeddings"
-        return httpx.Response(200, json={"object": "list", "data": [{"embedding": [0.1]}], "usage": {"prompt_tokens": 5, "total_tokens": 5}})
+        return httpx.Response(
+            200,
+            json={
+                "object": "list",
+                "data": [{"embedding": [0.1]}],
+                "usage": {"prompt_tokens": 5, "total_tokens": 5},
+            },
+        )
 
     async with gateway(tmp_path, handler) as gw:
-        response = await gw.post("/v1/embeddings", {"model": "text-embedding-3-small", "input": "x"}, headers=TEAM_A)
+        response = await gw.post(
+            "/v1/embeddings", {"model": "text-embedding-3-small", "input": "x"}, headers=TEAM_A
+        )
         assert response.status_code == 200
     (record,) = gw.records()
-    assert (record["endpoint"], record["prompt_tokens"], record["completion_tokens"]) == ("embeddings", 5, 0)
+    assert (record["endpoint"], record["prompt_tokens"], record["completion_tokens"]) == (
+        "embeddings",
+        5,
+        0,
+    )
 
 
 def streaming(body: bytes, *, pause: float = 0.0, fail_after: int | None = None):
@@ -205,13 +230,22 @@ async def test_stream_relays_events_and_records_usage(tmp_path, client_wants_usa
         request_id = response.headers["x-request-id"]
     assert sent[0]["stream_options"] == {"include_usage": True}
     assert events[-1] == b"[DONE]"
-    contents = [orjson.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1] if orjson.loads(e)["choices"]]
+    contents = [
+        orjson.loads(e)["choices"][0]["delta"]["content"]
+        for e in events[:-1]
+        if orjson.loads(e)["choices"]
+    ]
     assert contents == ["a", "b", "c"]
     usage_chunks = [e for e in events[:-1] if orjson.loads(e)["choices"] == []]
     assert len(usage_chunks) == (1 if client_wants_usage else 0)
     (record,) = gw.records()
     assert record["request_id"] == request_id
-    assert (record["stream"], record["status"], record["prompt_tokens"], record["completion_tokens"]) == (True, 200, 7, 3)
+    assert (
+        record["stream"],
+        record["status"],
+        record["prompt_tokens"],
+        record["completion_tokens"],
+    ) == (True, 200, 7, 3)
 
 
 async def test_stream_without_usage_still_gets_its_record(tmp_path) -> None:
@@ -222,7 +256,11 @@ async def test_stream_without_usage_still_gets_its_record(tmp_path) -> None:
         response = await gw.post("/v1/chat/completions", {**CHAT, "stream": True}, headers=TEAM_A)
         assert events_of(await response.get_data())[-1] == b"[DONE]"
     (record,) = gw.records()
-    assert record["status"] == 200 and "prompt_tokens" not in record and "completion_tokens" not in record
+    assert (
+        record["status"] == 200
+        and "prompt_tokens" not in record
+        and "completion_tokens" not in record
+    )
 
 
 async def test_stream_retries_before_the_first_event_then_falls_back(tmp_path) -> None:
@@ -261,7 +299,10 @@ async def test_stream_broken_mid_way_ends_with_an_error_event_and_502(tmp_path) 
 
 async def test_stream_upstream_4xx_is_relayed_as_json(tmp_path) -> None:
     async def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(422, json={"error": {"message": "bad tools", "type": "invalid_request_error", "code": None}})
+        return httpx.Response(
+            422,
+            json={"error": {"message": "bad tools", "type": "invalid_request_error", "code": None}},
+        )
 
     async with gateway(tmp_path, handler) as gw:
         response = await gw.post("/v1/chat/completions", {**CHAT, "stream": True}, headers=TEAM_A)
@@ -273,7 +314,11 @@ async def test_stream_upstream_4xx_is_relayed_as_json(tmp_path) -> None:
 async def test_long_stream_outlives_quarts_response_timeout(tmp_path) -> None:
     extra = '[providers.slow]\nkind = "mock"\nmodels = ["slow-chat"]\nchunks = 6\ndelay_ms = 100\n'
     async with gateway(tmp_path, extra=extra, app_config={"RESPONSE_TIMEOUT": 0.2}) as gw:
-        response = await gw.post("/v1/chat/completions", {"model": "slow-chat", "messages": [], "stream": True}, headers=TEAM_A)
+        response = await gw.post(
+            "/v1/chat/completions",
+            {"model": "slow-chat", "messages": [], "stream": True},
+            headers=TEAM_A,
+        )
         events = events_of(await response.get_data())
     assert events[-1] == b"[DONE]"
     assert len(events) == 1 + 6 + 1 + 1  # role, 6 words, finish, [DONE]
@@ -282,11 +327,41 @@ async def test_long_stream_outlives_quarts_response_timeout(tmp_path) -> None:
 
 async def test_mock_provider_answers_every_endpoint(tmp_path) -> None:
     async with gateway(tmp_path) as gw:
-        chat = orjson.loads(await (await gw.post("/v1/chat/completions", {"model": "mock-chat", "messages": [{"role": "user", "content": "a b c"}]}, headers=TEAM_A)).get_data())
+        chat = orjson.loads(
+            await (
+                await gw.post(
+                    "/v1/chat/completions",
+                    {"model": "mock-chat", "messages": [{"role": "user", "content": "a b c"}]},
+                    headers=TEAM_A,
+                )
+            ).get_data()
+        )
         assert chat["usage"] == {"prompt_tokens": 4, "completion_tokens": 8, "total_tokens": 12}
-        again = orjson.loads(await (await gw.post("/v1/chat/completions", {"model": "mock-chat", "messages": [{"role": "user", "content": "a b c"}]}, headers=TEAM_A)).get_data())
+        again = orjson.loads(
+            await (
+                await gw.post(
+                    "/v1/chat/completions",
+                    {"model": "mock-chat", "messages": [{"role": "user", "content": "a b c"}]},
+                    headers=TEAM_A,
+                )
+            ).get_data()
+        )
         assert again["choices"] == chat["choices"]
-        streamed = events_of(await (await gw.post("/v1/chat/completions", {"model": "mock-chat", "messages": [], "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 3}, headers=TEAM_A)).get_data())
+        streamed = events_of(
+            await (
+                await gw.post(
+                    "/v1/chat/completions",
+                    {
+                        "model": "mock-chat",
+                        "messages": [],
+                        "stream": True,
+                        "stream_options": {"include_usage": True},
+                        "max_tokens": 3,
+                    },
+                    headers=TEAM_A,
+                )
+            ).get_data()
+        )
         assert orjson.loads(streamed[-2])["usage"]["completion_tokens"] == 3
     records = gw.records()
     assert [r["completion_tokens"] for r in records] == [8, 8, 3]
@@ -295,7 +370,15 @@ async def test_mock_provider_answers_every_endpoint(tmp_path) -> None:
 async def test_every_chat_response_carries_the_records_request_id(tmp_path) -> None:
     async with gateway(tmp_path) as gw:
         ids = []
-        for body in ({"model": "mock-chat", "messages": []}, {"model": "nope"}, {"model": "mock-chat", "stream": True, "messages": []}):
-            ids.append((await gw.post("/v1/chat/completions", body, headers=TEAM_A)).headers["x-request-id"])
+        for body in (
+            {"model": "mock-chat", "messages": []},
+            {"model": "nope"},
+            {"model": "mock-chat", "stream": True, "messages": []},
+        ):
+            ids.append(
+                (await gw.post("/v1/chat/completions", body, headers=TEAM_A)).headers[
+                    "x-request-id"
+                ]
+            )
     assert [r["request_id"] for r in gw.records()] == ids
     assert len(set(ids)) == 3

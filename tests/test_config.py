@@ -52,11 +52,18 @@ def test_full_config_parses_with_env_expansion() -> None:
     assert openai.base_url == "https://api.example.com/v1"
     assert (openai.weight, openai.max_retries, openai.timeout) == (3.0, 1, 12.5)
     backup = config.providers["backup"]
-    assert (backup.kind, backup.api_key, backup.max_retries, backup.timeout) == ("openai", None, 2, 30.0)
+    assert (backup.kind, backup.api_key, backup.max_retries, backup.timeout) == (
+        "openai",
+        None,
+        2,
+        30.0,
+    )
     assert config.models == ["gpt-4o", "gpt-4o-mini"]
     assert config.aliases == {"gpt4": "gpt-4o"}
     assert [k.name for k in config.keys] == ["team-a", "team-b"]
-    assert config.keys[0].allows("gpt-4o", "gpt4") and not config.keys[0].allows("gpt-4o-mini", "gpt-4o-mini")
+    assert config.keys[0].allows("gpt-4o", "gpt4") and not config.keys[0].allows(
+        "gpt-4o-mini", "gpt-4o-mini"
+    )
     assert config.keys[1].models == ("*",)
     assert config.pricing["gpt-4o"].completion_cost_per_million == 10.0
     assert (config.audit.path, config.audit.sync) == ("logs/audit.jsonl", "always")
@@ -84,20 +91,54 @@ colour = "blue"
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("[providers.x]\nkind = 'anthropic'\nmodels = ['a']", "bad.toml: providers.x.kind: unknown provider kind 'anthropic'"),
-        ("[providers.x]\nmodels = 'a'", "bad.toml: providers.x.models: expected a non-empty list of strings, got a string"),
+        (
+            "[providers.x]\nkind = 'anthropic'\nmodels = ['a']",
+            "bad.toml: providers.x.kind: unknown provider kind 'anthropic'",
+        ),
+        (
+            "[providers.x]\nmodels = 'a'",
+            "bad.toml: providers.x.models: expected a non-empty list of strings, got a string",
+        ),
         ("[providers.x]\nkind = 'mock'", "bad.toml: providers.x.models: missing"),
-        ("[providers.x]\nmodels = ['a']\nweight = 'heavy'", "bad.toml: providers.x.weight: expected a number, got a string"),
-        ("[providers.x]\nmodels = ['a']\nweight = 0", "bad.toml: providers.x.weight: must be greater than 0"),
-        ("[providers.x]\nmodels = ['a']\nmax_retries = 1.5", "bad.toml: providers.x.max_retries: expected an integer"),
-        ("[providers.x]\nmodels = ['a']\n[aliases]\nb = 'nope'", "bad.toml: aliases.b: points to model 'nope', which no provider serves"),
-        ("[providers.x]\nmodels = ['a']\napi_key = '${MISSING_VAR_FOR_TEST}'", "bad.toml: providers.x.api_key: environment variable MISSING_VAR_FOR_TEST is not set"),
-        ("[providers.x]\nmodels = ['a']\n[audit]\nsync = 'sometimes'", "bad.toml: audit.sync: unknown mode 'sometimes'"),
+        (
+            "[providers.x]\nmodels = ['a']\nweight = 'heavy'",
+            "bad.toml: providers.x.weight: expected a number, got a string",
+        ),
+        (
+            "[providers.x]\nmodels = ['a']\nweight = 0",
+            "bad.toml: providers.x.weight: must be greater than 0",
+        ),
+        (
+            "[providers.x]\nmodels = ['a']\nmax_retries = 1.5",
+            "bad.toml: providers.x.max_retries: expected an integer",
+        ),
+        (
+            "[providers.x]\nmodels = ['a']\n[aliases]\nb = 'nope'",
+            "bad.toml: aliases.b: points to model 'nope', which no provider serves",
+        ),
+        (
+            "[providers.x]\nmodels = ['a']\napi_key = '${MISSING_VAR_FOR_TEST}'",
+            "bad.toml: providers.x.api_key: environment variable MISSING_VAR_FOR_TEST is not set",
+        ),
+        (
+            "[providers.x]\nmodels = ['a']\n[audit]\nsync = 'sometimes'",
+            "bad.toml: audit.sync: unknown mode 'sometimes'",
+        ),
         ("[providers.x]\nmodels = ['a']\n[[keys]]\nname = 'k'", "bad.toml: keys[0].key: missing"),
-        ("[providers.x]\nmodels = ['a']\n[[keys]]\nname = 'k'\nkey = 's'\n[[keys]]\nname = 'k'\nkey = 't'", "bad.toml: keys[1].name: duplicate key name 'k'"),
-        ("[providers.x]\nmodels = ['a']\nbase_url = 'ftp://x'", "bad.toml: providers.x.base_url: must start with http:// or https://"),
+        (
+            "[providers.x]\nmodels = ['a']\n[[keys]]\nname = 'k'\nkey = 's'\n"
+            "[[keys]]\nname = 'k'\nkey = 't'",
+            "bad.toml: keys[1].name: duplicate key name 'k'",
+        ),
+        (
+            "[providers.x]\nmodels = ['a']\nbase_url = 'ftp://x'",
+            "bad.toml: providers.x.base_url: must start with http:// or https://",
+        ),
         ("providers = 3", "bad.toml: providers: expected a table, got an integer"),
-        ("admin_token = 'x'", "bad.toml: providers: at least one [providers.NAME] table is required"),
+        (
+            "admin_token = 'x'",
+            "bad.toml: providers: at least one [providers.NAME] table is required",
+        ),
         ("[providers.x\nmodels = ['a']", "bad.toml: invalid TOML:"),
     ],
 )
@@ -125,7 +166,7 @@ def test_lookup_order(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRABTRIO_CONFIG", str(other))
     assert list(load_config().providers) == ["env"]
     monkeypatch.setenv("CRABTRIO_CONFIG", str(tmp_path / "missing.toml"))
-    with pytest.raises(ConfigError, match="missing.toml: config file not found"):
+    with pytest.raises(ConfigError, match=r"missing\.toml: config file not found"):
         load_config()
 
 

@@ -203,7 +203,7 @@ class AuditReader:
             )
 
     def _read_new(self, source: _Source, *, final: bool) -> CorruptLines:
-        """Index the complete lines after `source.offset`; with `final`, give up on a partial tail."""
+        """Index the complete lines after `source.offset`; `final`: give up on a partial tail."""
         corrupt = CorruptLines()
         size = os.fstat(source.fd).st_size
         if size < source.offset:
@@ -271,4 +271,3 @@ class AuditReader:
             start = end + 1
         source.entries.extend(entries)
         self.index.extend(entries)
-

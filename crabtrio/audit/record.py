@@ -92,7 +92,8 @@ def cost_micros(
 ) -> int:
     """Cost in micro-USD, rounded: (tokens x USD per million tokens) needs no further scaling."""
     return round(
-        (prompt_tokens or 0) * prompt_per_million + (completion_tokens or 0) * completion_per_million
+        (prompt_tokens or 0) * prompt_per_million
+        + (completion_tokens or 0) * completion_per_million
     )
 
 

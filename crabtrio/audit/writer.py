@@ -58,7 +58,7 @@ class AuditLogger:
         self._file = file
         self._pending: deque[AuditRecord] = deque()
         self._wake = trio.Event()
-        self._durable_changed = trio.Event()
+        self._progress = trio.Event()
         self._accepted = 0  # records accepted, ever: a record's sequence number
         self._written = 0  # records on disk (write returned)
         self._durable = 0  # records fsynced
@@ -117,7 +117,14 @@ class AuditLogger:
     async def wait_durable(self, sequence: int) -> None:
         """Wait until the record with this sequence number is fsynced ("always" mode)."""
         while self._durable < sequence and not self._finished:
-            await self._durable_changed.wait()
+            await self._progress.wait()
+
+    async def wait_written(self, timeout: float) -> None:
+        """Wait (at most `timeout`) until every record accepted so far is in the file."""
+        target = self._accepted
+        with trio.move_on_after(timeout):
+            while self._written < target and not self._finished:
+                await self._progress.wait()
 
     def statistics(self) -> AuditStatistics:
         stats = self._stats
@@ -139,9 +146,11 @@ class AuditLogger:
                 scope.deadline = trio.current_time() + FLUSH_GRACE_SECONDS
                 await self._write_pending(final=True)
             self._finished = True
-            self._durable_changed.set()
+            self._progress.set()
             if self._pending:
-                log.error("audit: %d record(s) could not be written at shutdown", len(self._pending))
+                log.error(
+                    "audit: %d record(s) could not be written at shutdown", len(self._pending)
+                )
 
     async def _idle(self) -> None:
         """Sleep until a record arrives, an interval fsync falls due, or it is time to check."""
@@ -188,8 +197,9 @@ class AuditLogger:
             self._durable = self._written
             self._dirty = False
             self._stats.fsyncs += 1
-            self._durable_changed.set()
-            self._durable_changed = trio.Event()
+        if batch or fsync:
+            self._progress.set()
+            self._progress = trio.Event()
         if reopened:
             log.warning("audit: %s was deleted or renamed; recreated it", self._file.path)
         if self._stats.state != "ok":
@@ -212,7 +222,9 @@ class AuditLogger:
         self._stats.failed_writes += 1
         reason = f"cannot write {self.config.path}: {exc.strerror or exc}"
         if self._stats.state != "degraded" or self._stats.reason != reason:
-            log.error("audit: %s; %d record(s) held in memory, retrying", reason, len(self._pending))
+            log.error(
+                "audit: %s; %d record(s) held in memory, retrying", reason, len(self._pending)
+            )
         self._stats.state, self._stats.reason = "degraded", reason
 
     def _write_late(self, record: AuditRecord) -> None:  # pragma: no cover - see record()

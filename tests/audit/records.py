@@ -5,7 +5,9 @@ from __future__ import annotations
 from crabtrio.audit import AuditRecord
 
 
-def record(i: int, *, ts: int | None = None, key: str = "k", model: str = "m", status: int = 200) -> AuditRecord:
+def record(
+    i: int, *, ts: int | None = None, key: str = "k", model: str = "m", status: int = 200
+) -> AuditRecord:
     return AuditRecord(
         request_id=f"req-{i:06d}",
         timestamp=1_700_000_000_000 + i if ts is None else ts,

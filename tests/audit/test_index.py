@@ -13,7 +13,15 @@ def entries(n: int, seed: int = 3) -> list[Entry]:
     for i in range(n):
         ts = 1_000 + rng.randrange(0, n // 3 + 1)  # many equal timestamps
         out.append(
-            (ts, f"r{rng.getrandbits(32):08x}", i, f"k{i % 3}", f"m{i % 4}", "p", 200 if i % 5 else 500)
+            (
+                ts,
+                f"r{rng.getrandbits(32):08x}",
+                i,
+                f"k{i % 3}",
+                f"m{i % 4}",
+                "p",
+                200 if i % 5 else 500,
+            )
         )
     return out
 

@@ -32,9 +32,12 @@ def test_replay_keeps_exactly_the_valid_records(tmp_path, caplog) -> None:
         + b'["a", "list"]\n'  # valid JSON, wrong shape
         + b'{"request_id":"x","timestamp":"soon","status":200}\n'  # wrong field type
         + good[4]
-        + b'{"x":"' + b"y" * (10 * 1024 * 1024) + b'"}\n'  # a 10 MB line
+        + b'{"x":"'
+        + b"y" * (10 * 1024 * 1024)
+        + b'"}\n'  # a 10 MB line
         + good[5]
-        + b"z" * (17 * 1024 * 1024) + b"\n"  # longer than any line we index
+        + b"z" * (17 * 1024 * 1024)
+        + b"\n"  # longer than any line we index
         + good[6]
         + good[7]
     )

@@ -19,7 +19,10 @@ def request_ids(path) -> list[str]:
     try:
         reader.replay()
         page = reader.index.query(limit=1000)
-        return [line.split(b'"request_id":"')[1].split(b'"')[0].decode() for line in reader.read_lines(page.locations)][::-1]
+        return [
+            line.split(b'"request_id":"')[1].split(b'"')[0].decode()
+            for line in reader.read_lines(page.locations)
+        ][::-1]
     finally:
         reader.close()
 

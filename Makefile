@@ -1,0 +1,42 @@
+# Thin wrappers; `make run` and `make test` install what they need first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+HOST ?= 127.0.0.1
+PORT ?= 8080
+# Below the 10 s that `docker stop` and most supervisors wait: in-flight requests get this
+# long to finish, then streams still running are cut (and recorded with status 503).
+GRACEFUL_TIMEOUT ?= 8
+
+.PHONY: install run fmt lint typecheck test check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+run: install
+	$(BIN)/hypercorn crabtrio:app --worker-class trio --bind $(HOST):$(PORT) \
+		--graceful-timeout $(GRACEFUL_TIMEOUT)
+
+fmt: install
+	$(BIN)/ruff format crabtrio tests bench
+
+lint: install
+	$(BIN)/ruff format --check crabtrio tests bench
+	$(BIN)/ruff check crabtrio tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+test: install
+	$(BIN)/coverage run -m pytest
+	$(BIN)/coverage report --skip-covered --show-missing
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) .coverage .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,135 @@
+"""GET /v1/admin/logs: the guard, parameter checks, filters and gapless pagination."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from .harness import BASE, TEAM_A, gateway
+
+TEAM_B = {"authorization": "Bearer sk-team-b"}
+ADMIN = {"authorization": "Bearer admin-secret"}
+NO_TOKEN = BASE.replace('admin_token = "admin-secret"\n', "")
+
+
+async def logs(gw, query: str = "", headers=ADMIN, client=None):
+    scope_base = {"client": client} if client else None
+    return await gw.client.get(f"/v1/admin/logs{query}", headers=headers, scope_base=scope_base)
+
+
+async def fill(gw, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        headers, body = (
+            (TEAM_A, {"model": "mock-chat", "messages": []})
+            if i % 3
+            else (TEAM_B, {"model": "nope"})
+        )
+        ids.append(
+            (await gw.post("/v1/chat/completions", body, headers=headers)).headers["x-request-id"]
+        )
+    return ids
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({}, 401), ({"authorization": "Bearer wrong"}, 401), (TEAM_A, 401), (ADMIN, 200)],
+)
+async def test_admin_token_guard(tmp_path, headers, status) -> None:
+    async with gateway(tmp_path) as gw:
+        response = await logs(gw, headers=headers)
+        assert response.status_code == status
+        if status != 200:
+            assert b"admin-secret" not in await response.get_data()
+
+
+async def test_without_a_token_only_loopback_clients_are_answered(tmp_path) -> None:
+    async with gateway(tmp_path, base=NO_TOKEN) as gw:
+        assert (await logs(gw, headers={}, client=("127.0.0.1", 5000))).status_code == 200
+        assert (await logs(gw, headers={}, client=("::1", 5000))).status_code == 200
+        remote = await logs(gw, headers={}, client=("10.1.2.3", 5000))
+        assert remote.status_code == 403
+        assert orjson.loads(await remote.get_data())["error"]["code"] == "admin_local_only"
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("?limit=0", "limit"),
+        ("?limit=1001", "limit"),
+        ("?limit=ten", "limit"),
+        ("?since=yesterday", "since"),
+        ("?until=-5", "until"),
+        ("?status=2000", "status"),
+        ("?before=not-a-cursor", "before"),
+        ("?modle=gpt-4o", "modle"),
+    ],
+)
+async def test_bad_parameters_are_400_naming_them(tmp_path, query, param) -> None:
+    async with gateway(tmp_path) as gw:
+        response = await logs(gw, query)
+        error = orjson.loads(await response.get_data())["error"]
+        assert response.status_code == 400
+        assert error["param"] == param and param in error["message"]
+
+
+async def test_filters_and_pages_newest_first(tmp_path) -> None:
+    async with gateway(tmp_path) as gw:
+        ids = await fill(gw, 30)
+        everything = orjson.loads(await (await logs(gw, "?limit=1000")).get_data())
+        newest_first = sorted(
+            gw.records(), key=lambda r: (r["timestamp"], r["request_id"]), reverse=True
+        )
+        assert sorted(ids) == sorted(r["request_id"] for r in newest_first)
+        assert everything == newest_first
+
+        team_a = [r["request_id"] for r in newest_first if r["key_name"] == "team-a"]
+        assert len(team_a) == 20
+        seen: list[str] = []
+        query = "?key=team-a&limit=6"
+        while True:
+            response = await logs(gw, query)
+            page = orjson.loads(await response.get_data())
+            assert len(page) <= 6
+            seen += [r["request_id"] for r in page]
+            cursor = response.headers.get("x-next-cursor")
+            if cursor is None:
+                break
+            query = f"?key=team-a&limit=6&before={cursor}"
+        assert seen == team_a
+
+        rejected = orjson.loads(await (await logs(gw, "?status=404&limit=1000")).get_data())
+        assert [r["request_id"] for r in rejected] == [
+            r["request_id"] for r in newest_first if r["status"] == 404
+        ]
+        assert len(rejected) == 10
+        assert orjson.loads(await (await logs(gw, "?model=mock-chat&key=team-b")).get_data()) == []
+        assert (
+            len(orjson.loads(await (await logs(gw, "?provider=mock&limit=1000")).get_data())) == 20
+        )
+
+        middle = everything[10]["timestamp"]
+        bounded = orjson.loads(
+            await (await logs(gw, f"?since={middle}&until={middle}&limit=1000")).get_data()
+        )
+        assert bounded and all(r["timestamp"] == middle for r in bounded)
+        assert everything[10]["request_id"] in [r["request_id"] for r in bounded]
+
+
+async def test_admin_routes_are_not_audited_but_carry_request_ids(tmp_path) -> None:
+    async with gateway(tmp_path) as gw:
+        response = await logs(gw)
+        assert response.headers["x-request-id"]
+    assert gw.records() == []
+
+
+async def test_client_disconnect_mid_stream_is_recorded_as_499(tmp_path) -> None:
+    extra = '[providers.slow]\nkind = "mock"\nmodels = ["slow-chat"]\nchunks = 50\ndelay_ms = 20\n'
+    async with gateway(tmp_path, extra=extra) as gw:
+        body = {"model": "slow-chat", "messages": [], "stream": True}
+        response = await gw.post("/v1/chat/completions", body, headers=TEAM_A, disconnect_after=3)
+        assert response.status_code == 200
+        request_id = response.headers["x-request-id"]
+    (record,) = gw.records()
+    assert (record["request_id"], record["status"], record["stream"]) == (request_id, 499, True)
+    assert "client disconnected" in record["error"]
