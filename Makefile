@@ -9,7 +9,7 @@ PORT ?= 8080
 # long to finish, then streams still running are cut (and recorded with status 503).
 GRACEFUL_TIMEOUT ?= 8
 
-.PHONY: install run fmt lint typecheck test check clean
+.PHONY: install run fmt lint typecheck test faults check clean
 
 install: $(STAMP)
 
@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
+# `python -m crabtrio` runs `hypercorn crabtrio:app --worker-class trio` after checking the
+# config and the audit file, and exits non-zero when a worker fails to start.
 run: install
-	$(BIN)/hypercorn crabtrio:app --worker-class trio --bind $(HOST):$(PORT) \
-		--graceful-timeout $(GRACEFUL_TIMEOUT)
+	$(BIN)/python -m crabtrio --bind $(HOST):$(PORT) --graceful-timeout $(GRACEFUL_TIMEOUT)
 
 fmt: install
 	$(BIN)/ruff format crabtrio tests bench
@@ -35,6 +36,10 @@ typecheck: install
 test: install
 	$(BIN)/coverage run -m pytest
 	$(BIN)/coverage report --skip-covered --show-missing
+
+# The fault-injection tests alone (they also run in `make test`).
+faults: install
+	$(BIN)/python -m pytest -m faults
 
 check: lint typecheck test
 

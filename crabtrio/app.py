@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -27,6 +28,8 @@ log = logging.getLogger("crabtrio")
 SHUTDOWN_DRAIN_SECONDS = 10
 # Exit code of a worker that could not start (bad config, unwritable audit file).
 EXIT_STARTUP_FAILED = 3
+# Set by `python -m crabtrio`: where a worker notes a startup failure for the master.
+FAILURE_FILE_ENV = "CRABTRIO_STARTUP_FAILURE_FILE"
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
@@ -116,6 +119,10 @@ def _exit(message: str) -> NoReturn:
     log.critical("crabtrio: %s", message)
     for handler in log.handlers:
         handler.flush()
+    marker = os.environ.get(FAILURE_FILE_ENV)
+    if marker:
+        with contextlib.suppress(OSError), open(marker, "a") as file:
+            file.write(message + "\n")
     os._exit(EXIT_STARTUP_FAILED)
 
 
@@ -142,10 +149,11 @@ def _log_startup(config: Config) -> None:
         log.warning("crabtrio: %s", warning)
     audit = config.audit
     if audit.enabled:
+        crash = "a killed process loses at most the records of its last ~10 ms"
         window = {
-            "interval": f"up to {audit.sync_interval_ms} ms of records on power loss",
+            "interval": f"{crash}; power loss up to {audit.sync_interval_ms} ms more",
             "always": "none: each response waits for its record's fsync",
-            "never": "whatever the OS has not flushed on power loss",
+            "never": f"{crash}; power loss whatever the OS had not written back",
         }[audit.sync]
         audit_text = f"{os.path.abspath(audit.path)} (sync={audit.sync}, loss window: {window})"
     else:

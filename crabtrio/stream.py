@@ -9,7 +9,7 @@ import orjson
 
 from . import sse
 from .audit import PendingRecord
-from .errors import UpstreamError, UpstreamTimeout
+from .errors import GatewayError, UpstreamError, UpstreamTimeout
 from .providers import OpenedStream
 from .upstream import UpstreamFailure, failure_mid_body
 
@@ -85,6 +85,8 @@ async def relay(
         error = UpstreamTimeout(str(failure)) if failure.timeout else UpstreamError(str(failure))
         pending.finish(error.status, str(failure))
         yield sse.event(error.body())
+    except GatewayError as exc:  # the record could not be made durable: no [DONE]
+        yield sse.event(exc.body())
     finally:
         # Runs on a client disconnect or server cut too, already cancelled: sync calls only,
         # and a shielded close.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import trio
 
 from .index import AuditIndex, Entry
 from .record import index_fields
+from .rotation import rotated_siblings
 
 log = logging.getLogger("crabtrio.audit")
 
@@ -25,23 +25,6 @@ POLL_SECONDS = 0.2
 MAX_LINE = (1 << 24) - 1  # lengths are packed into 24 bits of a location
 READ_CHUNK = MAX_LINE + 1  # a chunk without a newline holds no valid line
 MAX_SOURCES = 1 << 16
-
-
-def rotated_name_pattern(path: str) -> re.Pattern[str]:
-    """Names of rotated siblings: `<stem>-<UTC timestamp>[-n]<suffix>`, sorting by age."""
-    stem, suffix = os.path.splitext(os.path.basename(path))
-    stamp = r"\d{8}T\d{6}\.\d{3}Z(?:-\d+)?"
-    return re.compile(rf"^{re.escape(stem)}-{stamp}{re.escape(suffix)}$")
-
-
-def rotated_siblings(path: str) -> list[str]:
-    directory = os.path.dirname(os.path.abspath(path))
-    pattern = rotated_name_pattern(path)
-    try:
-        names = sorted(name for name in os.listdir(directory) if pattern.match(name))
-    except FileNotFoundError:
-        return []
-    return [os.path.join(directory, name) for name in names]
 
 
 @dataclass(slots=True)

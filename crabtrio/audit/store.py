@@ -5,8 +5,9 @@ os.write on an O_APPEND descriptor while holding an exclusive flock on `<path>.l
 - batches never interleave, and a writer that finds the file not ending in a newline knows
   the fragment was left by a writer that died mid-write, and cuts it off before appending;
 - a failed (short) write is cut back to where it started, so no fragment stays behind;
-- rotation (rename, then create) happens under the same lock, and a writer that sees the
-  path now names another inode reopens it before writing, so nothing lands in a rotated file.
+- rotation (rename, then create) and retention happen under the same lock, and a writer that
+  sees the path now names another inode reopens it before writing, so nothing lands in a
+  rotated file and two processes never rotate at once.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from .rotation import expired, rotated_name
 
 log = logging.getLogger("crabtrio.audit")
 
@@ -27,6 +31,7 @@ _TAIL_CHUNK = 64 * 1024
 class AppendResult:
     size: int  # the file's size after the append
     reopened: bool  # the path had been replaced (rotated or deleted) and was reopened
+    rotated_to: str | None = None  # this append filled the file: it was renamed to this
 
 
 def fsync_directory(path: str) -> None:
@@ -115,11 +120,12 @@ class AuditFile:
         )
         return size - keep
 
-    def append(self, data: bytes) -> AppendResult:
+    def append(self, data: bytes, *, rotate_at: int | None = None) -> AppendResult:
         """Append whole lines with one O_APPEND write (looping on short writes), under the lock.
 
         On failure (disk full, I/O error) the file is cut back to its size before this call,
         so it never keeps a fragment, and the OSError propagates; the caller retries later.
+        When the file reaches `rotate_at` bytes it is rotated before the lock is released.
         """
         with self.locked():
             reopened = self.reopen_if_replaced()
@@ -135,7 +141,41 @@ class AuditFile:
                     with contextlib.suppress(OSError):
                         os.ftruncate(self._fd, start)
                 raise
-            return AppendResult(start + len(data), reopened)
+            size = start + len(data)
+            if rotate_at is not None and size >= rotate_at:
+                return AppendResult(0, reopened, self._rotate())
+            return AppendResult(size, reopened)
+
+    def _rotate(self) -> str:
+        """Call with the lock held: rename the file to a timestamped sibling, start a new one.
+
+        Readers (`tail -F`, every worker's index) notice the new inode at the path and follow.
+        """
+        target = rotated_name(self.path, time.time())
+        os.fsync(self._fd)
+        os.rename(self.path, target)
+        self._open()  # creates the new file and fsyncs it and the directory (the rename too)
+        log.info("audit: rotated %s to %s", self.path, os.path.basename(target))
+        return target
+
+    def prune(self, *, retention_days: float | None, max_total_bytes: int | None) -> list[str]:
+        """Delete rotated files past the retention limits, under the lock; return them."""
+        if retention_days is None and max_total_bytes is None:
+            return []
+        with self.locked():
+            doomed = expired(
+                self.path,
+                retention_days=retention_days,
+                max_total_bytes=max_total_bytes,
+                now=time.time(),
+            )
+            for path in doomed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                log.info("audit: retention deleted %s", os.path.basename(path))
+            if doomed:
+                fsync_directory(self.path)
+        return doomed
 
     def fsync(self) -> None:
         os.fsync(self._fd)

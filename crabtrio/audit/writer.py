@@ -13,6 +13,7 @@ from typing import Any
 import trio
 
 from ..config import AuditConfig
+from ..errors import Unavailable
 from .record import AuditRecord
 from .store import AuditFile
 
@@ -27,6 +28,9 @@ IDLE_CHECK_SECONDS = 0.5
 RETRY_SECONDS = 0.2
 # At shutdown the final flush may outlive a cancellation by this much.
 FLUSH_GRACE_SECONDS = 5.0
+# How often retention looks for rotated files to delete, besides right after a rotation.
+PRUNE_SECONDS = 60.0
+MIB = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -38,6 +42,7 @@ class AuditStatistics:
     fsyncs: int = 0
     pending: int = 0
     failed_writes: int = 0
+    failed_syncs: int = 0
     refused: int = 0
     corrupt_lines_skipped: int = 0
 
@@ -70,6 +75,12 @@ class AuditLogger:
         self.on_written: Callable[[], None] = lambda: None
         self._stats = AuditStatistics(sync=config.sync)
         self._linger = 0.0 if config.sync == "always" else LINGER_SECONDS
+        self._not_durable: list[tuple[int, int]] = []  # sequence ranges whose fsync failed
+        mb = config.max_file_mb
+        self._rotate_at = None if mb is None else max(1, int(mb * MIB))
+        self._max_total = None if config.max_total_mb is None else int(config.max_total_mb * MIB)
+        self._retention = config.retention_days is not None or self._max_total is not None
+        self._next_prune = 0.0
 
     @classmethod
     @asynccontextmanager
@@ -108,15 +119,28 @@ class AuditLogger:
         return self._accepted
 
     def admit(self) -> bool:
-        """Whether a new request may start: False while `queue_max` records wait for the disk."""
-        if len(self._pending) < self.config.queue_max:
-            return True
-        self._stats.refused += 1
-        return False
+        """Whether a new request may start. No while `queue_max` records wait for the disk,
+        and in "always" mode while the log cannot be written (nothing could be acknowledged)."""
+        blocked = len(self._pending) >= self.config.queue_max or (
+            self.config.sync == "always" and self._stats.state != "ok"
+        )
+        if blocked:
+            self._stats.refused += 1
+        return not blocked
 
     async def wait_durable(self, sequence: int) -> None:
-        """Wait until the record with this sequence number is fsynced ("always" mode)."""
-        while self._durable < sequence and not self._finished:
+        """Wait until the record with this sequence number is fsynced ("always" mode).
+
+        Raises Unavailable if its fsync failed: the request must not be acknowledged.
+        """
+        while True:
+            if any(low <= sequence <= high for low, high in self._not_durable):
+                raise Unavailable(
+                    "the audit record of this request could not be made durable",
+                    code="audit_not_durable",
+                )
+            if self._durable >= sequence or self._finished:
+                return
             await self._progress.wait()
 
     async def wait_written(self, timeout: float) -> None:
@@ -162,7 +186,7 @@ class AuditLogger:
             await self._wake.wait()
         self._wake = trio.Event()
         if not self._pending:
-            await self._write_pending()  # an empty batch: fsync if due, reopen if replaced
+            await self._write_pending()  # an empty batch: fsync, reopen or prune when due
 
     def _fsync_due(self, final: bool) -> bool:
         mode = self.config.sync
@@ -173,58 +197,78 @@ class AuditLogger:
         interval = self.config.sync_interval_ms / 1000
         return time.monotonic() - self._last_fsync >= interval
 
+    def _prune_due(self) -> bool:
+        return self._retention and time.monotonic() >= self._next_prune
+
     async def _write_pending(self, *, final: bool = False) -> bool:
         """Write what is queued (one write), fsync when the mode says so; False on failure."""
         assert self._file is not None
         batch = list(self._pending)
-        if not batch and not (self._dirty or final):
-            if self._file.replaced():
-                batch = []  # fall through: append(b"") reopens the file under the lock
-            else:
-                return True
         fsync = self._fsync_due(final) or (bool(batch) and self.config.sync == "always")
+        if not (batch or fsync or self._prune_due() or self._file.replaced()):
+            return True
         try:
-            reopened = await trio.to_thread.run_sync(self._write_sync, batch, fsync)
+            outcome = await trio.to_thread.run_sync(self._write_sync, batch, fsync)
         except OSError as exc:
-            self._failed(exc)
+            self._failed(f"cannot write {self.config.path}: {exc.strerror or exc}")
             return False
         for _ in batch:
             self._pending.popleft()
         self._written += len(batch)
         self._stats.written += len(batch)
         self._dirty = self._dirty or bool(batch)
-        if fsync:
+        if outcome.sync_error is not None:
+            # Never claim durability after a failed fsync (the kernel may have dropped the
+            # pages): the records since the last good fsync are marked lost for "always".
+            self._not_durable.append((self._durable + 1, self._written))
+            self._durable = self._written
+            self._dirty = False
+            self._stats.failed_syncs += 1
+            error = outcome.sync_error
+            self._failed(f"fsync of {self.config.path} failed: {error.strerror or error}")
+        elif outcome.synced:
             self._durable = self._written
             self._dirty = False
             self._stats.fsyncs += 1
-        if batch or fsync:
+        if batch or outcome.synced or outcome.sync_error:
             self._progress.set()
             self._progress = trio.Event()
-        if reopened:
+        if outcome.reopened:
             log.warning("audit: %s was deleted or renamed; recreated it", self._file.path)
-        if self._stats.state != "ok":
+        if self._stats.state != "ok" and outcome.sync_error is None:
             log.warning("audit: writing to %s again", self._file.path)
             self._stats.state, self._stats.reason = "ok", None
         if batch:
             self.on_written()
         return True
 
-    def _write_sync(self, batch: list[AuditRecord], fsync: bool) -> bool:
-        """Runs in a worker thread: encode, append under the lock, maybe fsync."""
+    def _write_sync(self, batch: list[AuditRecord], fsync: bool) -> _Outcome:
+        """Runs in a worker thread: encode, append under the lock, maybe fsync, rotate, prune."""
         assert self._file is not None
-        result = self._file.append(b"".join([record.to_line() for record in batch]))
-        if fsync:
-            self._file.fsync()
+        data = b"".join([record.to_line() for record in batch])
+        result = self._file.append(data, rotate_at=self._rotate_at)
+        outcome = _Outcome(reopened=result.reopened)
+        if result.rotated_to is not None:
+            outcome.synced = True  # rotation fsyncs the file before renaming it
+        elif fsync:
+            try:
+                self._file.fsync()
+                outcome.synced = True
+            except OSError as exc:
+                outcome.sync_error = exc
+        if outcome.synced:
             self._last_fsync = time.monotonic()
-        return result.reopened
-
-    def _failed(self, exc: OSError) -> None:
-        self._stats.failed_writes += 1
-        reason = f"cannot write {self.config.path}: {exc.strerror or exc}"
-        if self._stats.state != "degraded" or self._stats.reason != reason:
-            log.error(
-                "audit: %s; %d record(s) held in memory, retrying", reason, len(self._pending)
+        if result.rotated_to is not None or self._prune_due():
+            self._next_prune = time.monotonic() + PRUNE_SECONDS
+            self._file.prune(
+                retention_days=self.config.retention_days, max_total_bytes=self._max_total
             )
+        return outcome
+
+    def _failed(self, reason: str) -> None:
+        if self._stats.reason != reason:
+            log.error("audit: %s; %d record(s) held in memory", reason, len(self._pending))
+        self._stats.failed_writes += 1
         self._stats.state, self._stats.reason = "degraded", reason
 
     def _write_late(self, record: AuditRecord) -> None:  # pragma: no cover - see record()
@@ -233,3 +277,10 @@ class AuditLogger:
             self._write_sync([record], fsync=self.config.sync != "never")
         except OSError as exc:
             log.error("audit: lost record %s after shutdown: %s", record.request_id, exc)
+
+
+@dataclass(slots=True)
+class _Outcome:
+    reopened: bool = False
+    synced: bool = False
+    sync_error: OSError | None = None

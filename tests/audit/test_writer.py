@@ -122,11 +122,11 @@ async def test_failed_writes_keep_records_and_recover(tmp_path, monkeypatch) -> 
     real_append = store.AuditFile.append
     state = {"fail": True}
 
-    def append(self, data: bytes):
+    def append(self, data: bytes, **options):
         if state["fail"] and data:
             trio.from_thread.run_sync(failing.set)
             raise OSError(28, "No space left on device")
-        return real_append(self, data)
+        return real_append(self, data, **options)
 
     monkeypatch.setattr(store.AuditFile, "append", append)
     async with AuditLogger.open(AuditConfig(path=str(path), queue_max=5)) as logger:
@@ -155,3 +155,82 @@ async def test_disabled_logger_records_nothing(tmp_path) -> None:
         assert logger.record(record(1)) == 0
         assert not logger.enabled
     assert not path.exists()
+
+
+async def test_always_mode_refuses_new_requests_while_the_disk_fails(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "a.jsonl"
+    real_append = store.AuditFile.append
+    state = {"fail": True}
+
+    def append(self, data: bytes, **options):
+        if state["fail"] and data:
+            raise OSError(28, "No space left on device")
+        return real_append(self, data, **options)
+
+    monkeypatch.setattr(store.AuditFile, "append", append)
+    async with AuditLogger.open(AuditConfig(path=str(path), sync="always")) as logger:
+        assert logger.admit()
+        sequence = logger.record(record(1))
+        with trio.fail_after(2):
+            while logger.statistics().state == "ok":
+                await trio.sleep(0.01)
+        assert not logger.admit()  # nothing could be acknowledged: refuse new work
+        state["fail"] = False
+        with trio.fail_after(2):
+            await logger.wait_durable(sequence)  # the in-flight request completes
+        assert logger.admit()
+
+
+async def test_a_failed_fsync_is_never_taken_for_durability(tmp_path, monkeypatch) -> None:
+    from crabtrio.errors import Unavailable
+
+    path = tmp_path / "a.jsonl"
+    real_fsync = os.fsync
+    failures = {"left": 1}
+
+    def flaky_fsync(fd: int) -> None:
+        is_log = path.exists() and os.path.samestat(os.fstat(fd), path.stat())
+        if failures["left"] and is_log and os.fstat(fd).st_size > 0:
+            failures["left"] -= 1
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(store.os, "fsync", flaky_fsync)
+    async with AuditLogger.open(AuditConfig(path=str(path), sync="always")) as logger:
+        first = logger.record(record(1))
+        with pytest.raises(Unavailable), trio.fail_after(2):
+            await logger.wait_durable(first)
+        stats = logger.statistics()
+        assert (
+            stats.failed_syncs == 1
+            and stats.state == "degraded"
+            and "fsync" in (stats.reason or "")
+        )
+        second = logger.record(record(2))
+        with trio.fail_after(2):
+            await logger.wait_durable(second)
+        assert logger.statistics().state == "ok"
+
+
+async def test_rotation_and_retention(tmp_path) -> None:
+    path = tmp_path / "a.jsonl"
+    line = len(record(0).to_line())
+    config = AuditConfig(
+        path=str(path), sync="never", max_file_mb=20 * line / 2**20, max_total_mb=70 * line / 2**20
+    )
+    async with AuditLogger.open(config) as logger:
+        for i in range(200):
+            logger.record(record(i))
+            if i % 10 == 9:
+                with trio.fail_after(2):
+                    while logger.statistics().written < i + 1:
+                        await trio.sleep(0.005)
+    rotated = sorted(
+        p for p in tmp_path.iterdir() if p.name.startswith("a-") and p.suffix == ".jsonl"
+    )
+    assert rotated, "nothing was rotated"
+    assert all(20 * line <= p.stat().st_size < 40 * line for p in rotated)
+    total = sum(p.stat().st_size for p in rotated) + path.stat().st_size
+    assert total <= 70 * line
+    kept = request_ids(path)  # replays the retained rotated files, then the active one
+    assert kept == [f"req-{i:06d}" for i in range(200 - len(kept), 200)]
