@@ -1,9 +1,10 @@
 """`python -m crabtrio [hypercorn options]`: hypercorn with crabtrio's defaults and exit codes.
 
-It checks the config and the audit file before any worker starts, so a bad config or an
-unwritable audit directory ends the process at once with one line and a non-zero code. It
-also passes on a worker's startup failure as exit code 3: hypercorn 0.18's master exits 0
-when a worker fails (pgjones/hypercorn#269), which hides the failure from supervisors.
+It checks the config and the audit file before any worker starts, so a bad config (exit 2) or
+an unwritable audit directory (exit 3) ends the process at once with one line. hypercorn
+0.18's master exits 0 even when a worker failed (pgjones/hypercorn#269), which hides failures
+from supervisors; so each worker reports start, clean stop or failure to a file, and this
+process exits 3 if a worker failed to start and 1 if one died without a clean stop.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import tempfile
 
 from hypercorn.__main__ import main as hypercorn_main
 
-from .app import EXIT_STARTUP_FAILED, FAILURE_FILE_ENV, configure_logging
+from .app import EXIT_STARTUP_FAILED, WORKER_REPORT_ENV, configure_logging
 from .audit.store import AuditFile
 from .config import ConfigError, load_config
 
 EXIT_BAD_CONFIG = 2
+EXIT_WORKER_DIED = 1
 DEFAULTS = {
     "--worker-class": "trio",
     "--bind": "127.0.0.1:8080",
@@ -54,12 +56,33 @@ def main(argv: list[str] | None = None) -> int:
             path = os.path.abspath(config.audit.path)
             log.critical("crabtrio: cannot open audit file %s: %s", path, exc.strerror or exc)
             return EXIT_STARTUP_FAILED
-    with tempfile.NamedTemporaryFile(prefix="crabtrio-startup-", suffix=".txt") as marker:
-        os.environ[FAILURE_FILE_ENV] = marker.name  # spawned workers inherit it
+    with tempfile.NamedTemporaryFile(prefix="crabtrio-workers-", suffix=".txt") as report:
+        os.environ[WORKER_REPORT_ENV] = report.name  # spawned workers inherit it
         code = hypercorn_main(_with_defaults(list(sys.argv[1:] if argv is None else argv)))
-        if os.path.getsize(marker.name) > 0 and code == 0:
-            code = EXIT_STARTUP_FAILED
-    return code
+        with open(report.name) as file:
+            lines = file.read().splitlines()
+    return code or exit_code_from(lines)
+
+
+def exit_code_from(report: list[str]) -> int:
+    """0 if every worker that started also stopped cleanly; else 3 or 1, saying why."""
+    started, stopped, failed = set(), set(), False
+    for line in report:
+        event, _, rest = line.partition(" ")
+        pid = rest.split(" ", 1)[0]
+        if event == "start":
+            started.add(pid)
+        elif event == "stop":
+            stopped.add(pid)
+        elif event == "fail":
+            failed = True
+    if failed:
+        return EXIT_STARTUP_FAILED
+    died = sorted(started - stopped)
+    if died:
+        log.critical("crabtrio: worker(s) %s died without a clean shutdown", ", ".join(died))
+        return EXIT_WORKER_DIED
+    return 0
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ log = logging.getLogger("crabtrio")
 SHUTDOWN_DRAIN_SECONDS = 10
 # Exit code of a worker that could not start (bad config, unwritable audit file).
 EXIT_STARTUP_FAILED = 3
-# Set by `python -m crabtrio`: where a worker notes a startup failure for the master.
-FAILURE_FILE_ENV = "CRABTRIO_STARTUP_FAILURE_FILE"
+# Set by `python -m crabtrio`: a file where each worker notes that it started, stopped
+# cleanly, or failed, so the master can exit with a code that says what happened.
+WORKER_REPORT_ENV = "CRABTRIO_WORKER_REPORT"
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
@@ -98,11 +99,13 @@ def create_app(
             raise
         _install_sigterm_forwarding()
         _log_startup(loaded)
+        report_to_master("start")
 
     @app.after_serving
     async def _stop() -> None:
         stop.set()
         await stopped.wait()
+        report_to_master("stop")
 
     app.asgi_app = RequestScope(app.asgi_app)  # type: ignore[method-assign, assignment, arg-type]
     return app
@@ -115,14 +118,25 @@ def _load() -> Config:
         raise StartupError(f"config error: {exc}") from None
 
 
+def report_to_master(event: str, detail: str = "") -> None:
+    """Note `start`, `stop` or `fail` for `python -m crabtrio` (one short O_APPEND write)."""
+    path = os.environ.get(WORKER_REPORT_ENV)
+    if not path:
+        return
+    line = f"{event} {os.getpid()} {detail}".rstrip() + "\n"
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
 def _exit(message: str) -> NoReturn:
     log.critical("crabtrio: %s", message)
     for handler in log.handlers:
         handler.flush()
-    marker = os.environ.get(FAILURE_FILE_ENV)
-    if marker:
-        with contextlib.suppress(OSError), open(marker, "a") as file:
-            file.write(message + "\n")
+    report_to_master("fail", message)
     os._exit(EXIT_STARTUP_FAILED)
 
 

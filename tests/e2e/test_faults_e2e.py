@@ -168,15 +168,34 @@ def test_unwritable_audit_directory_stops_startup(tmp_path, start_gateway) -> No
 
 
 def test_launcher_passes_a_worker_startup_failure_on(tmp_path) -> None:
-    marker = tmp_path / "marker"
-    marker.write_text("")
+    report = tmp_path / "report"
+    report.write_text("")
     code = "from crabtrio.app import _exit; _exit('config error: x.toml: field: broken')"
-    worker = Process(
-        [PYTHON, "-c", code], cwd=ROOT, env={"CRABTRIO_STARTUP_FAILURE_FILE": str(marker)}
-    )
+    worker = Process([PYTHON, "-c", code], cwd=ROOT, env={"CRABTRIO_WORKER_REPORT": str(report)})
     assert worker.wait(10) == 3
     worker.stop()
-    assert marker.read_text() == "config error: x.toml: field: broken\n"
+    assert report.read_text() == f"fail {worker.proc.pid} config error: x.toml: field: broken\n"
+
+
+def test_launcher_exit_codes_say_how_the_workers_ended(tmp_path, upstream) -> None:
+    config = tmp_path / "gw.toml"
+    config.write_text(gateway_config(upstream.url, tmp_path / "audit.jsonl"))
+    env = {**os.environ, "CRABTRIO_CONFIG": str(config)}
+    command = [PYTHON, "-m", "crabtrio", "--bind", "127.0.0.1:0", "--workers", "2"]
+    clean = Process(command, cwd=tmp_path, env=env)
+    url = clean.wait_for_line(r"Running on (http://[\d.:]+)").group(1)
+    chat(url)
+    wait_until(lambda: len(worker_pids(clean.proc.pid)) == 2, 10, "two workers")
+    clean.signal(signal.SIGTERM)
+    assert clean.wait(30) == 0
+    clean.stop()
+    crashed = Process(command, cwd=tmp_path, env=env)
+    crashed.wait_for_line(r"Running on")
+    wait_until(lambda: len(worker_pids(crashed.proc.pid)) == 2, 10, "two workers")
+    os.kill(worker_pids(crashed.proc.pid)[0], signal.SIGKILL)  # an OOM kill, say
+    assert crashed.wait(30) == 1
+    assert "died without a clean shutdown" in crashed.output
+    crashed.stop()
 
 
 @pytest.mark.parametrize("workers", [2, 4])
