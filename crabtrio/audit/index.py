@@ -17,6 +17,14 @@ Cursor = tuple[int, str]
 FIELDS: dict[str, int] = {"key": 3, "model": 4, "provider": 5, "status": 6}
 
 
+def _merged(existing: Any, batch: list[Entry]) -> Any:
+    """`existing` (a SortedList or None) with `batch` added, whichever way is cheaper."""
+    if existing is None or len(existing) < len(batch):
+        return SortedList([*existing, *batch] if existing else batch)
+    existing.update(batch)
+    return existing
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     locations: list[int]
@@ -44,13 +52,15 @@ class AuditIndex:
             bucket.add(entry)
 
     def extend(self, entries: Iterable[Entry]) -> None:
-        """Add many entries at once: one sort per list rather than one insertion per entry."""
+        """Add many entries at once: a list that is empty or small next to the batch is
+        rebuilt with one sort (nearly sorted input, so close to linear) rather than grown by
+        one insertion per entry."""
         batch = list(entries)
         if len(batch) < 64:
             for entry in batch:
                 self.add(entry)
             return
-        self._all.update(batch)
+        self._all = _merged(self._all, batch)
         for name, position in FIELDS.items():
             groups: dict[Any, list[Entry]] = {}
             for entry in batch:
@@ -61,11 +71,7 @@ class AuditIndex:
                 group.append(entry)
             postings = self._postings[name]
             for value, group in groups.items():
-                bucket = postings.get(value)
-                if bucket is None:
-                    postings[value] = SortedList(group)
-                else:
-                    bucket.update(group)
+                postings[value] = _merged(postings.get(value), group)
 
     def discard(self, entries: Iterable[Entry]) -> None:
         """Forget entries (their file was deleted by retention)."""

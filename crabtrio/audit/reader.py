@@ -12,11 +12,12 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
 from .index import AuditIndex, Entry
-from .record import index_fields
+from .record import IndexedFields, decode_fields, decode_fields_lines
 from .rotation import rotated_siblings
 
 log = logging.getLogger("crabtrio.audit")
@@ -63,6 +64,8 @@ class AuditReader:
         self._next_number = 0
         self._strings: dict[object, object] = {}
         self._nudged = trio.Event()
+        # Entries read but not yet in the index: added in one go, one sort per list.
+        self._unindexed: list[Entry] = []
 
     @classmethod
     @asynccontextmanager
@@ -93,6 +96,7 @@ class AuditReader:
                     path,
                     ", ".join(map(str, corrupt.first_offsets)),
                 )
+        self._flush_to_index()
         self._active = self._sources.get(self._next_number - 1)
         if self._active is not None and self._active.path != self.path:
             self._active = None
@@ -175,8 +179,14 @@ class AuditReader:
                 if os.fstat(source.fd).st_nlink == 0:
                     self._drop(number)
 
+    def _flush_to_index(self) -> None:
+        if self._unindexed:
+            self.index.extend(self._unindexed)
+            self._unindexed = []
+
     def _read_logged(self, source: _Source, *, final: bool = False) -> None:
         corrupt = self._read_new(source, final=final)
+        self._flush_to_index()
         if corrupt.count:
             log.warning(
                 "audit: skipped %d corrupt line(s) appended to %s (first at byte offsets %s)",
@@ -222,35 +232,36 @@ class AuditReader:
         return corrupt
 
     def _index_lines(self, source: _Source, data: bytes, corrupt: CorruptLines) -> None:
+        """Index whole lines (`data` ends with a newline); count the ones that are not records."""
         base, number = source.offset, source.number
-        intern: Callable[[object, object], object] = self._strings.setdefault
+        intern: Callable[[Any, Any], Any] = self._strings.setdefault
+        lines = data.split(b"\n")
+        lines.pop()  # after the final newline
+        decoded: list[IndexedFields | None] | None = decode_fields_lines(data)  # type: ignore[assignment]
+        if decoded is None or len(decoded) != len(lines):
+            # Some line is blank or corrupt: decode them one by one.
+            decoded = [
+                None if line.isspace() or not line else decode_fields(line) for line in lines
+            ]
         entries: list[Entry] = []
         append = entries.append
-        start = 0
-        find = data.find
-        while True:
-            end = find(b"\n", start)
-            if end < 0:
-                break
-            length = end - start
-            if length and not data[start:end].isspace():
-                fields = index_fields(data[start:end])
-                if fields is None:
-                    corrupt.add(base + start)
-                else:
-                    ts, rid, key, model, provider, status = fields
-                    location = ((((base + start) << 24) | length) << 16) | number
-                    append(
-                        (
-                            ts,
-                            rid,
-                            location,
-                            intern(key, key),
-                            intern(model, model),
-                            intern(provider, provider),
-                            intern(status, status),
-                        )  # type: ignore[arg-type]
+        offset = base
+        for line, fields in zip(lines, decoded, strict=True):
+            length = len(line)
+            if fields is not None:
+                append(
+                    (
+                        fields.timestamp,
+                        fields.request_id,
+                        (((offset << 24) | length) << 16) | number,
+                        intern(fields.key_name, fields.key_name),
+                        intern(fields.model, fields.model),
+                        intern(fields.provider, fields.provider),
+                        intern(fields.status, fields.status),
                     )
-            start = end + 1
+                )
+            elif length and not line.isspace():
+                corrupt.add(offset)
+            offset += length + 1
         source.entries.extend(entries)
-        self.index.extend(entries)
+        self._unindexed.extend(entries)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import orjson
 
 # Longest text we copy from a request or an error into a record, so one line stays small.
@@ -55,33 +56,40 @@ class AuditRecord:
         return orjson.dumps(self.to_dict(), option=orjson.OPT_APPEND_NEWLINE)
 
 
-# What the index keeps of a line: (timestamp, request_id, key_name, model, provider, status).
-IndexFields = tuple[int, str, str, str, str, int]
+class IndexedFields(msgspec.Struct):
+    """What a line must hold to be an audit record, and what the index keeps of it.
+
+    Decoded by msgspec, which checks the types in C: a record of the wrong shape (a missing
+    field, a string timestamp, `true` for a status) fails to decode and is skipped.
+    """
+
+    request_id: str
+    timestamp: int
+    key_name: str
+    model: str
+    provider: str
+    status: int
+    latency_ms: int
+    cost_micros: int
 
 
-def index_fields(line: bytes) -> IndexFields | None:
-    """Validate one JSONL line as an audit record; None when it is not one (skip and count)."""
+_FIELDS_DECODER = msgspec.json.Decoder(IndexedFields)
+
+
+def decode_fields(line: bytes) -> IndexedFields | None:
+    """One JSONL line as an audit record; None when it is not one (skip and count)."""
     try:
-        obj = orjson.loads(line)
-    except orjson.JSONDecodeError:
+        return _FIELDS_DECODER.decode(line)
+    except (msgspec.MsgspecError, ValueError):  # ValueError: invalid UTF-8 in a string
         return None
-    if type(obj) is not dict:
+
+
+def decode_fields_lines(data: bytes) -> list[IndexedFields] | None:
+    """Every line of `data` (whole lines) at once; None if any is not a record."""
+    try:
+        return _FIELDS_DECODER.decode_lines(data)
+    except (msgspec.MsgspecError, ValueError):  # ValueError: invalid UTF-8 in a string
         return None
-    get = obj.get
-    ts, rid, status = get("timestamp"), get("request_id"), get("status")
-    key, model, provider = get("key_name"), get("model"), get("provider")
-    if (
-        type(ts) is not int
-        or type(rid) is not str
-        or type(status) is not int
-        or type(key) is not str
-        or type(model) is not str
-        or type(provider) is not str
-        or type(get("latency_ms")) is not int
-        or type(get("cost_micros")) is not int
-    ):
-        return None
-    return ts, rid, key, model, provider, status
 
 
 def cost_micros(

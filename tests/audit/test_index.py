@@ -58,7 +58,9 @@ def paged(index: AuditIndex, limit: int, **query: object) -> list[int]:
 def test_queries_match_a_full_scan() -> None:
     data = entries(2000)
     index = AuditIndex()
-    index.extend(data[:1500])
+    index.extend(data[:100])
+    index.extend(data[100:1400])  # larger than what is there: rebuilt with one sort
+    index.extend(data[1400:1500])  # smaller: inserted
     for entry in data[1500:]:
         index.add(entry)
     assert len(index) == 2000
