@@ -163,7 +163,7 @@ def _log_startup(config: Config) -> None:
         log.warning("crabtrio: %s", warning)
     audit = config.audit
     if audit.enabled:
-        crash = "a killed process loses at most the records of its last ~10 ms"
+        crash = "a killed process loses at most the records of its last ~50 ms"
         window = {
             "interval": f"{crash}; power loss up to {audit.sync_interval_ms} ms more",
             "always": "none: each response waits for its record's fsync",
