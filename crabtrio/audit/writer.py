@@ -66,6 +66,7 @@ class AuditLogger:
         self._pending: deque[AuditRecord] = deque()
         self._wake = trio.Event()
         self._progress = trio.Event()
+        self._flush_now = trio.Event()
         self._accepted = 0  # records accepted, ever: a record's sequence number
         self._written = 0  # records on disk (write returned)
         self._durable = 0  # records fsynced
@@ -150,6 +151,7 @@ class AuditLogger:
         target = self._accepted
         with trio.move_on_after(timeout):
             while self._written < target and not self._finished:
+                self._flush_now.set()
                 await self._progress.wait()
 
     def statistics(self) -> AuditStatistics:
@@ -164,7 +166,9 @@ class AuditLogger:
                     await self._idle()
                     continue
                 if self._linger and not self._closed:
-                    await trio.sleep(self._linger)
+                    with trio.move_on_after(self._linger):
+                        await self._flush_now.wait()  # a reader wants the records now
+                    self._flush_now = trio.Event()
                 if not await self._write_pending():
                     await trio.sleep(RETRY_SECONDS)
         finally:

@@ -234,3 +234,15 @@ async def test_rotation_and_retention(tmp_path) -> None:
     assert total <= 70 * line
     kept = request_ids(path)  # replays the retained rotated files, then the active one
     assert kept == [f"req-{i:06d}" for i in range(200 - len(kept), 200)]
+
+
+async def test_a_reader_does_not_wait_out_the_linger(tmp_path, idle_jump_clock) -> None:
+    path = tmp_path / "a.jsonl"
+    async with AuditLogger.open(AuditConfig(path=str(path))) as logger:
+        await trio.sleep(1)  # the writer is idle
+        logger.record(record(1))
+        await trio.sleep(0)  # the writer wakes and starts its linger
+        start = trio.current_time()
+        await logger.wait_written(timeout=5)
+        assert logger.statistics().written == 1
+        assert trio.current_time() - start < 0.01  # not the 50 ms linger
