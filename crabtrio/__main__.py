@@ -10,6 +10,7 @@ process exits 3 if a worker failed to start and 1 if one died without a clean st
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.NamedTemporaryFile(prefix="crabtrio-workers-", suffix=".txt") as report:
         os.environ[WORKER_REPORT_ENV] = report.name  # spawned workers inherit it
         code = hypercorn_main(_with_defaults(list(sys.argv[1:] if argv is None else argv)))
+        # hypercorn returns once one worker has exited, and SIGTERMs the rest; they finish
+        # their drain (crabtrio workers turn that SIGTERM into a graceful stop): wait for them.
+        for worker in multiprocessing.active_children():
+            worker.join()
         with open(report.name) as file:
             lines = file.read().splitlines()
     return code or exit_code_from(lines)

@@ -19,7 +19,7 @@ from .errors import (
     NotFound,
     PayloadTooLarge,
     Unavailable,
-    UpstreamResponse,
+    UpstreamRejected,
 )
 from .providers import call_json, open_stream
 from .services import Services, current_services
@@ -96,7 +96,7 @@ async def _proxy(endpoint: str) -> Response:
     except GatewayError as exc:
         await _recorded(svc, pending.finish(exc.status, str(exc)))
         return error_response(exc)
-    except UpstreamResponse as exc:
+    except UpstreamRejected as exc:
         await _recorded(svc, pending.finish(exc.status, str(exc)))
         return Response(exc.body, exc.status, content_type=JSON)
 

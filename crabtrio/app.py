@@ -11,7 +11,6 @@ import signal
 import sys
 from typing import NoReturn
 
-import httpx
 import trio
 from quart import Response
 from quart_trio import QuartTrio
@@ -22,6 +21,7 @@ from .asgi import RequestScope
 from .config import Config, ConfigError, load_config
 from .errors import GatewayError, error_body
 from .services import Services, open_services
+from .upstream import Transport
 
 log = logging.getLogger("crabtrio")
 
@@ -55,7 +55,7 @@ def configure_logging() -> None:
 def create_app(
     config: Config | None = None,
     *,
-    transport: httpx.AsyncBaseTransport | None = None,
+    transport: Transport | None = None,
     exit_on_startup_error: bool = False,
 ) -> QuartTrio:
     """Build the app. The config is loaded when serving starts unless one is given.

@@ -76,7 +76,7 @@ class Unavailable(GatewayError):
     status, kind, default_code = 503, "server_error", "unavailable"
 
 
-class UpstreamResponse(Exception):
+class UpstreamRejected(Exception):
     """An upstream 4xx to relay as-is: its status and its (scrubbed) JSON error body."""
 
     def __init__(self, status: int, body: bytes, provider: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -76,7 +76,7 @@ def chat(body: dict[str, Any], provider: ProviderConfig) -> bytes:
     )
 
 
-async def chat_stream(body: dict[str, Any], provider: ProviderConfig) -> AsyncIterator[bytes]:
+async def chat_stream(body: dict[str, Any], provider: ProviderConfig) -> AsyncGenerator[bytes]:
     """SSE events of a streamed chat completion, one word per event, usage when asked."""
     words, finish = _reply_words(body, provider)
     base = {
@@ -101,6 +101,25 @@ async def chat_stream(body: dict[str, Any], provider: ProviderConfig) -> AsyncIt
         usage = _usage(_prompt_tokens(body.get("messages")), len(words))
         yield event({**base, "choices": [], "usage": usage})
     yield DONE
+
+
+class StreamResponse:
+    """`chat_stream` in the shape of an upstream response, so streams are relayed alike."""
+
+    status = 200
+    headers = [(b"content-type", b"text/event-stream")]
+
+    def __init__(self, body: dict[str, Any], provider: ProviderConfig) -> None:
+        self._events = chat_stream(body, provider)
+
+    async def receive(self) -> bytes:
+        try:
+            return await anext(self._events)
+        except StopAsyncIteration:
+            return b""
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
 
 
 def embeddings(body: dict[str, Any], provider: ProviderConfig) -> bytes:

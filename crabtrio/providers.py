@@ -9,21 +9,31 @@ has received anything.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import orjson
 import trio
 
 from . import mock
 from .audit.record import clip
 from .config import ProviderConfig
-from .errors import GatewayError, UpstreamError, UpstreamResponse, UpstreamTimeout
+from .errors import GatewayError, UpstreamError, UpstreamRejected, UpstreamTimeout
+from .http11 import HTTPError
 from .routing import backoff_delay
 from .sse import EventSplitter
-from .upstream import UpstreamClient, UpstreamFailure, close_quietly, read_body, scrub
+from .upstream import (
+    BROKEN,
+    UpstreamClient,
+    UpstreamFailure,
+    UpstreamResponse,
+    close_quietly,
+    describe,
+    failure_mid_body,
+    read_body,
+    scrub,
+)
 
 PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}
 # How long a stream's remainder after [DONE] may take before the connection is dropped.
@@ -32,31 +42,29 @@ DRAIN_SECONDS = 1.0
 
 @dataclass(slots=True)
 class OpenedStream:
-    """A stream whose first complete event(s) are in hand; `chunks` yields the rest."""
+    """A stream whose first complete event(s) are in hand; `receive()` gives the rest."""
 
     provider: ProviderConfig
     first: bytes
     splitter: EventSplitter
-    chunks: AsyncIterator[bytes]
-    response: httpx.Response | None
+    response: UpstreamResponse
+
+    async def receive(self) -> bytes:
+        """The next chunk of the stream, b"" at its end; raises UpstreamFailure."""
+        try:
+            return await self.response.receive()
+        except (trio.TooSlowError, HTTPError, *BROKEN) as exc:
+            raise failure_mid_body(exc, self.provider) from None
 
     async def drain(self) -> None:
         """Read what follows [DONE] (normally just the body's end) so the connection is reused."""
-        with trio.move_on_after(DRAIN_SECONDS):
-            with contextlib.suppress(httpx.HTTPError, OSError):
-                async for _ in self.chunks:
-                    pass
+        with trio.move_on_after(DRAIN_SECONDS), contextlib.suppress(UpstreamFailure):
+            while await self.receive():
+                pass
 
     async def aclose(self) -> None:
         """Release the upstream connection; safe in a cancelled `finally` (shielded, bounded)."""
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + 1.0
-            close = getattr(self.chunks, "aclose", None)
-            if close is not None:
-                with contextlib.suppress(httpx.HTTPError, OSError, RuntimeError):
-                    await close()
-        if self.response is not None:
-            await close_quietly(self.response)
+        await close_quietly(self.response)
 
 
 class _Attempts:
@@ -98,14 +106,16 @@ class _Attempts:
         return self.last
 
 
-async def _check_status(response: httpx.Response, provider: ProviderConfig) -> UpstreamError | None:
-    """None for 2xx; an UpstreamError for a transient status; raise UpstreamResponse for 4xx."""
-    status = response.status_code
+async def _check_status(
+    response: UpstreamResponse, provider: ProviderConfig
+) -> UpstreamError | None:
+    """None for 2xx; an UpstreamError for a transient status; raise UpstreamRejected for 4xx."""
+    status = response.status
     if 200 <= status < 300:
         return None
     body = scrub(await read_body(response, provider), [provider.api_key])
     if 400 <= status < 500 and status != 429:
-        raise UpstreamResponse(status, _error_body(body, status, provider), provider.name)
+        raise UpstreamRejected(status, _error_body(body, status, provider), provider.name)
     message = f"upstream {provider.name} returned {status}{_upstream_message(body)}"
     return UpstreamError(message, status=status if status >= 429 else 502)
 
@@ -118,7 +128,7 @@ async def call_json(
     payload: bytes,
     on_try: Callable[[str], None],
 ) -> bytes:
-    """The upstream's whole 2xx answer, or raise GatewayError / UpstreamResponse."""
+    """The upstream's whole 2xx answer, or raise GatewayError / UpstreamRejected."""
     attempts = _Attempts(plan, on_try)
     for provider, retry in attempts:
         await attempts.begin(provider, retry)
@@ -149,12 +159,10 @@ async def open_stream(
     for provider, retry in attempts:
         await attempts.begin(provider, retry)
         if provider.kind == "mock":
-            chunks = mock.chat_stream(body, provider)
+            events = mock.StreamResponse(body, provider)
             splitter = EventSplitter()
-            return OpenedStream(
-                provider, splitter.feed(await anext(chunks)), splitter, chunks, None
-            )
-        response: httpx.Response | None = None
+            return OpenedStream(provider, splitter.feed(await events.receive()), splitter, events)
+        response: UpstreamResponse | None = None
         opened: OpenedStream | None = None
         try:
             response = await client.post(provider, PATHS["chat"], payload)
@@ -176,21 +184,23 @@ async def open_stream(
     raise attempts.error()
 
 
-async def _first_events(response: httpx.Response, provider: ProviderConfig) -> OpenedStream | None:
+async def _first_events(
+    response: UpstreamResponse, provider: ProviderConfig
+) -> OpenedStream | None:
     splitter = EventSplitter()
-    chunks = response.aiter_raw()
     try:
-        async for chunk in chunks:
+        while chunk := await response.receive():
             first = splitter.feed(chunk)
             if first:
-                return OpenedStream(provider, first, splitter, chunks, response)
-    except httpx.TimeoutException:
+                return OpenedStream(provider, first, splitter, response)
+    except trio.TooSlowError:
         raise UpstreamFailure(
             f"upstream {provider.name} sent no event within {provider.timeout:g}s", timeout=True
         ) from None
-    except httpx.TransportError as exc:
+    except (HTTPError, *BROKEN) as exc:
         raise UpstreamFailure(
-            f"upstream {provider.name} broke off before the first event: {exc!r}", timeout=False
+            f"upstream {provider.name} broke off before the first event: {describe(exc)}",
+            timeout=False,
         ) from None
     return None
 

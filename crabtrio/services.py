@@ -6,14 +6,13 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
-import httpx
 from quart import current_app
 
 from .audit import AuditLogger, AuditReader, AuditStatistics
 from .auth import KeyRing
 from .config import Config
 from .routing import Router
-from .upstream import UpstreamClient
+from .upstream import Transport, UpstreamClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +33,7 @@ class Services:
 
 @asynccontextmanager
 async def open_services(
-    config: Config, *, transport: httpx.AsyncBaseTransport | None = None
+    config: Config, *, transport: Transport | None = None
 ) -> AsyncIterator[Services]:
     """Open the audit log (writer, then reader) and the upstream client; close in reverse.
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import httpx
 import orjson
 
 from . import sse
 from .audit import PendingRecord
 from .errors import GatewayError, UpstreamError, UpstreamTimeout
 from .providers import OpenedStream
-from .upstream import UpstreamFailure, failure_mid_body
+from .upstream import UpstreamFailure
 
 
 class _UsageFilter:
@@ -66,18 +65,12 @@ async def relay(
         out = usage(opened.first)
         if out:
             yield out
-        if not usage.done:
-            try:
-                async for chunk in opened.chunks:
-                    complete = opened.splitter.feed(chunk)
-                    if complete:
-                        out = usage(complete)
-                        if out:
-                            yield out
-                        if usage.done:
-                            break
-            except (httpx.TimeoutException, httpx.TransportError) as exc:
-                raise failure_mid_body(exc, opened.provider) from None
+        while not usage.done and (chunk := await opened.receive()):
+            complete = opened.splitter.feed(chunk)
+            if complete:
+                out = usage(complete)
+                if out:
+                    yield out
         await wait_recorded(pending.finish(200))
         yield sse.DONE
         await opened.drain()

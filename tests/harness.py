@@ -16,6 +16,8 @@ from quart.typing import TestClientProtocol
 from crabtrio import create_app
 from crabtrio.config import parse_config
 
+from .fake_upstream import HandlerTransport
+
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
 BASE = """
@@ -147,7 +149,7 @@ async def gateway(
     config = parse_config(
         top + base + extra + f'\n[audit]\npath = "{audit_path}"\n{audit}\n', "test.toml"
     )
-    transport = httpx.MockTransport(handler) if handler is not None else None
+    transport = HandlerTransport(handler) if handler is not None else None
     app = create_app(config, transport=transport)
     app.config.update(app_config or {})
     async with app.test_app() as test_app:

@@ -185,13 +185,12 @@ def test_launcher_exit_codes_say_how_the_workers_ended(tmp_path, upstream) -> No
     clean = Process(command, cwd=tmp_path, env=env)
     url = clean.wait_for_line(r"Running on (http://[\d.:]+)").group(1)
     chat(url)
-    wait_until(lambda: len(worker_pids(clean.proc.pid)) == 2, 10, "two workers")
+    wait_until(lambda: clean.output.count("Running on") == 2, 20, "two workers serving")
     clean.signal(signal.SIGTERM)
     assert clean.wait(30) == 0
     clean.stop()
     crashed = Process(command, cwd=tmp_path, env=env)
-    crashed.wait_for_line(r"Running on")
-    wait_until(lambda: len(worker_pids(crashed.proc.pid)) == 2, 10, "two workers")
+    wait_until(lambda: crashed.output.count("Running on") == 2, 20, "two workers serving")
     os.kill(worker_pids(crashed.proc.pid)[0], signal.SIGKILL)  # an OOM kill, say
     assert crashed.wait(30) == 1
     assert "died without a clean shutdown" in crashed.output
