@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Callable
+from functools import partial
 from typing import NoReturn
 
 import trio
@@ -16,7 +18,7 @@ from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import admin, api
+from . import admin, api, proxy
 from .asgi import RequestScope
 from .config import Config, ConfigError, load_config
 from .errors import GatewayError, error_body
@@ -110,8 +112,24 @@ def create_app(
         await stopped.wait()
         report_to_master("stop")
 
-    app.asgi_app = RequestScope(app.asgi_app)  # type: ignore[method-assign, assignment, arg-type]
+    def services() -> Services:
+        return app.extensions["crabtrio"]  # type: ignore[no-any-return]
+
+    handlers = {
+        path: partial(_serve_proxied, services, endpoint) for path, endpoint in proxy.PATHS.items()
+    }
+    app.asgi_app = RequestScope(app.asgi_app, handlers)  # type: ignore[method-assign, assignment, arg-type]
     return app
+
+
+async def _serve_proxied(
+    services: Callable[[], Services],
+    endpoint: str,
+    scope: proxy.Scope,
+    receive: proxy.Receive,
+    send: proxy.Send,
+) -> None:
+    await proxy.serve(services(), endpoint, scope, receive, send)
 
 
 def _load() -> Config:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 # Keys this layer puts in the ASGI scope for the routes.
@@ -33,13 +33,14 @@ def aborted_status(scope: Scope) -> int:
 class RequestScope:
     """Wraps the app: every response gets `x-request-id`; no audited request goes unrecorded.
 
-    A request cancelled before its route or stream body could record (a client that left,
-    a server cutting requests at the end of its graceful window, a body generator that never
-    started) is recorded here, after the app returns or is cancelled.
+    Paths in `handlers` are served by those handlers, every other request by `app`. A request
+    cancelled before its handler could record (a client that left, a server cutting requests
+    at the end of its graceful window) is recorded here, after it returns or is cancelled.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, handlers: Mapping[str, ASGIApp]) -> None:
         self.app = app
+        self.handlers = handlers
 
     async def __call__(
         self,
@@ -66,8 +67,9 @@ class RequestScope:
                 scope[DISCONNECTED] = True
             return message
 
+        handler = self.handlers.get(scope["path"], self.app)
         try:
-            await self.app(scope, receive_noting_disconnect, send_with_id)
+            await handler(scope, receive_noting_disconnect, send_with_id)
         finally:
             pending = scope.get(PENDING)
             if pending is not None and not pending.done:

@@ -58,6 +58,10 @@ class NotFound(GatewayError):
     status, kind, default_code = 404, "invalid_request_error", "not_found"
 
 
+class RequestTimeout(GatewayError):
+    status, kind, default_code = 408, "invalid_request_error", "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status, kind, default_code = 413, "invalid_request_error", "request_too_large"
 

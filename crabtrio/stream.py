@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import orjson
 
@@ -53,7 +53,7 @@ async def relay(
     wants_usage: bool,
     aborted_status: Callable[[], int],
     wait_recorded: Callable[[int], Awaitable[None]],
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes]:
     """Yield the stream's events as they arrive; end with [DONE] once the record is made.
 
     The record is made exactly once: at [DONE] (200), on an upstream failure mid-stream

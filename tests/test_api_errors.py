@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import orjson
 import pytest
+import trio
+
+from crabtrio import proxy
 
 from .harness import TEAM_A, gateway
 
@@ -114,3 +117,44 @@ async def test_health_needs_no_key(tmp_path) -> None:
         assert {"written", "fsyncs", "pending", "failed_writes", "corrupt_lines_skipped"} <= set(
             body["audit"]
         )
+
+
+async def send_raw(gw, chunks: list[bytes], *, complete: bool, headers: dict[str, str]):
+    """Send a body in pieces (optionally never finishing it) and read the answer."""
+    async with gw.client.request(
+        "/v1/chat/completions", method="POST", headers=headers
+    ) as connection:
+        for chunk in chunks:
+            await connection.send(chunk)
+        if complete:
+            await connection.send_complete()
+        body = b""
+        try:
+            while True:
+                body += await connection.receive()
+        except trio.EndOfChannel:
+            pass
+        return connection.status_code, body
+
+
+async def test_a_body_in_several_pieces_is_read_whole(tmp_path) -> None:
+    async with gateway(tmp_path) as gw:
+        pieces = [b'{"model": "mock-', b'chat", "messages"', b": []}"]
+        status, body = await send_raw(gw, pieces, complete=True, headers=TEAM_A)
+        assert status == 200 and orjson.loads(body)["object"] == "chat.completion"
+
+
+async def test_a_body_that_never_finishes_is_408(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(proxy, "BODY_TIMEOUT_SECONDS", 0.3)  # 60 s in production
+    async with gateway(tmp_path) as gw:
+        status, body = await send_raw(gw, [b'{"model": '], complete=False, headers=TEAM_A)
+        assert status == 408 and error_of(body)["code"] == "request_timeout"
+    (record,) = gw.records()
+    assert record["status"] == 408
+
+
+async def test_a_declared_length_over_the_limit_is_refused_before_reading(tmp_path) -> None:
+    async with gateway(tmp_path, top="max_body_mb = 0.001\n") as gw:
+        headers = {**TEAM_A, "content-length": "50000"}
+        status, body = await send_raw(gw, [], complete=False, headers=headers)
+        assert status == 413 and error_of(body)["code"] == "request_too_large"
