@@ -9,7 +9,7 @@ PORT ?= 8080
 # long to finish, then streams still running are cut (and recorded with status 503).
 GRACEFUL_TIMEOUT ?= 8
 
-.PHONY: install run fmt lint typecheck test faults check clean
+.PHONY: install run fmt lint typecheck test faults check clean bench
 
 install: $(STAMP)
 
@@ -45,3 +45,14 @@ check: lint typecheck test
 
 clean:
 	rm -rf $(VENV) .coverage .mypy_cache .ruff_cache .pytest_cache
+
+# Load benchmarks with wrk (not part of `make test`): QUICK=1 for a ~2-minute subset,
+# PEERS=litellm,portkey to run the peer gateways side by side (installed under bench/.peers/).
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/run.py $(if $(filter-out 0,$(QUICK)),--quick) $(if $(PEERS),--peers $(PEERS))

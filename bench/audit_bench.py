@@ -1,0 +1,299 @@
+"""Audit figures: writer records/s per sync mode, replay of a large file, admin query latency.
+
+Run by bench/run.py; `python bench/audit_bench.py replay FILE` replays FILE in a fresh
+process and prints its time and peak memory as JSON (that is how run.py measures replay).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlencode
+
+import audit_data
+import orjson
+import trio
+from measure import percentile
+from procs import peak_rss_bytes
+from targets import ADMIN_TOKEN, crabtrio_config, start_crabtrio
+
+from crabtrio.audit import AuditLogger, AuditReader, AuditRecord
+from crabtrio.config import AuditConfig
+
+SyncMode = Literal["interval", "always", "never"]
+RECORD_FIELDS: dict[str, Any] = {
+    "key_name": "team-07",
+    "model": "gpt-4o-mini",
+    "provider": "openai",
+    "cost_micros": 230,
+    "latency_ms": 412,
+    "status": 200,
+    "stream": True,
+    "endpoint": "chat",
+    "prompt_tokens": 12,
+    "completion_tokens": 20,
+}
+
+
+async def _write_records(path: Path, sync: SyncMode, count: int, waiters: int) -> float:
+    """Records/s through AuditLogger until every record is on disk (and fsynced if asked)."""
+
+    def record(i: int) -> AuditRecord:
+        now = int(time.time() * 1000)
+        return AuditRecord(request_id=f"{i:032x}", timestamp=now, **RECORD_FIELDS)
+
+    start = time.perf_counter()
+    async with AuditLogger.open(AuditConfig(path=str(path), sync=sync)) as logger:
+        if waiters == 0:
+            for i in range(count):
+                logger.record(record(i))
+                if i % 100 == 99:
+                    await trio.sleep(0)  # requests arrive over time, not in one burst
+        else:
+            issued = 0
+
+            async def client() -> None:
+                nonlocal issued
+                while issued < count:
+                    issued += 1
+                    await logger.wait_durable(logger.record(record(issued)))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(waiters):
+                    nursery.start_soon(client)
+    return count / (time.perf_counter() - start)
+
+
+def writer_throughput(workdir: Path, quick: bool) -> list[dict[str, Any]]:
+    scale = 0.2 if quick else 1.0
+    cases: list[tuple[SyncMode, int, int]] = [
+        ("interval", 0, 200_000),
+        ("never", 0, 200_000),
+        ("always", 0, 200_000),
+        ("always", 1, 300),
+        ("always", 1000, 20_000),
+    ]
+    results = []
+    for sync, waiters, count in cases:
+        count = max(100, int(count * scale))
+        path = Path(tempfile.mkdtemp(dir=workdir)) / "writer.jsonl"
+        rate = trio.run(_write_records, path, sync, count, waiters)
+        label = f"{sync}, {waiters} waiting" if waiters else f"{sync}, no waiting"
+        results.append(
+            {
+                "case": label,
+                "sync": sync,
+                "waiters": waiters,
+                "records": count,
+                "records_per_s": round(rate),
+            }
+        )
+        print(f"  audit writer {label}: {rate:,.0f} records/s", flush=True)
+        shutil.rmtree(path.parent, ignore_errors=True)
+    return results
+
+
+def replay_in_child(path: Path, workdir: Path, repeats: int) -> list[dict[str, Any]]:
+    """Replay in a fresh process (importing crabtrio from `workdir`, the run's snapshot)."""
+    runs = []
+    for _ in range(repeats):
+        done = subprocess.run(
+            [sys.executable, __file__, "replay", str(path)],
+            env={**os.environ, "PYTHONPATH": str(workdir)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        r = runs[-1]
+        print(
+            f"  audit replay: {r['records']:,} records in {r['seconds']:.2f}s "
+            f"({r['records_per_s']:,.0f}/s), peak RSS {r['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
+    return runs
+
+
+def _replay_main(path: str) -> None:
+    reader = AuditReader(path)
+    start = time.perf_counter()
+    reader.replay()
+    seconds = time.perf_counter() - start
+    records = len(reader.index)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork+exec.
+    peak_mb = peak_rss_bytes(os.getpid()) / 1024 / 1024
+    print(
+        json.dumps(
+            {
+                "records": records,
+                "seconds": round(seconds, 3),
+                "records_per_s": round(records / seconds),
+                "peak_rss_mb": round(peak_mb, 1),
+                "corrupt": reader.corrupt_lines,
+            }
+        )
+    )
+
+
+def _queries() -> dict[str, dict[str, Any]]:
+    """The admin queries under test, by name, as query-string parameters."""
+    middle = audit_data.START_MS + audit_data.SPAN_MS // 2
+    return {
+        "key (selective)": {"key": audit_data.RAREST_KEY, "limit": 100},
+        "model": {"model": "gpt-4.1", "limit": 100},
+        "time range (1 h)": {"since": middle, "until": middle + 3_600_000, "limit": 100},
+        "cursor pages": {"limit": 100},  # pages 2.. of the unfiltered log, via x-next-cursor
+    }
+
+
+def _naive_args(params: dict[str, Any], before: tuple[int, str] | None) -> dict[str, Any]:
+    filters = {name: params[name] for name in ("key", "model") if name in params}
+    return {
+        "filters": filters,
+        "since": params.get("since"),
+        "until": params.get("until"),
+        "before": before,
+        "limit": params["limit"],
+    }
+
+
+class _Admin:
+    """Keep-alive GETs to /v1/admin/logs with the admin token."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def get(self, params: dict[str, Any]) -> tuple[float, list[dict[str, Any]], str | None]:
+        start = time.perf_counter()
+        self.conn.request(
+            "GET",
+            "/v1/admin/logs?" + urlencode(params),
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
+        response = self.conn.getresponse()
+        body = response.read()
+        elapsed = time.perf_counter() - start
+        if response.status != 200:
+            raise RuntimeError(f"admin query {params} answered {response.status}: {body[:200]!r}")
+        return elapsed, orjson.loads(body), response.getheader("x-next-cursor")
+
+
+def admin_queries(source: Path, workdir: Path, quick: bool) -> dict[str, Any]:
+    """Serve a copy of `source` with crabtrio and time each query against the naive scan."""
+    served = workdir / "admin-audit.jsonl"
+    shutil.copyfile(source, served)
+    config = crabtrio_config(None, served, builtin_mock=True)
+    gateway = start_crabtrio("crabtrio-admin", config, workdir)
+    assert gateway.process is not None
+    rss_mb = max(peak_rss_bytes(pid) for pid in gateway.process.pids()) / 1024 / 1024
+    results: dict[str, Any] = {
+        "startup_s": round(gateway.startup_s, 2),
+        "rss_mb": round(rss_mb),
+        "queries": {},
+    }
+    print(
+        f"  admin: gateway over {source.name} ready in {gateway.startup_s:.1f}s, "
+        f"RSS {rss_mb:.0f} MB",
+        flush=True,
+    )
+    repeats, scans = (50, 1) if quick else (300, 3)
+    try:
+        admin = _Admin(gateway.port)
+        # Untimed warm-up: the first queries after a replay of a million records pay for
+        # one-off work (allocator growth, a garbage collection pass over the new index).
+        for _ in range(20):
+            for params in _queries().values():
+                admin.get(params)
+        for name, params in _queries().items():
+            times: list[float] = []
+            first_page = admin.get(params)
+            cursors = [first_page[2]]
+            if name == "cursor pages":
+                # Walk 20 pages deep once, then time fetching each of those pages again.
+                for _ in range(20):
+                    _, _, cursor = admin.get({**params, "before": cursors[-1]})
+                    cursors.append(cursor)
+                cursors = [c for c in cursors if c]
+            for i in range(repeats):
+                page_params = dict(params)
+                if name == "cursor pages":
+                    page_params["before"] = cursors[i % len(cursors)]
+                elapsed, _, _ = admin.get(page_params)
+                times.append(elapsed)
+            # The naive scan of the same file answers the same question.
+            before = _decode_cursor(cursors[0]) if name == "cursor pages" else None
+            probe = dict(params) | ({"before": cursors[0]} if before else {})
+            _, served_page, _ = admin.get(probe)
+            scan_times = []
+            for _ in range(scans):
+                start = time.perf_counter()
+                expected = audit_data.naive_query(served, **_naive_args(params, before))
+                scan_times.append(time.perf_counter() - start)
+            same = [r["request_id"] for r in served_page] == [r["request_id"] for r in expected]
+            scan_s = sorted(scan_times)[len(scan_times) // 2]
+            p99 = percentile(times, 99)
+            entry = {
+                "params": params,
+                "repeats": repeats,
+                "returned": len(served_page),
+                "p50_ms": round(percentile(times, 50) * 1000, 3),
+                "p99_ms": round(p99 * 1000, 3),
+                "max_ms": round(max(times) * 1000, 3),
+                "scan_s": round(scan_s, 3),
+                "scan_runs_s": [round(s, 3) for s in scan_times],
+                "scan_over_p99": round(scan_s / p99, 1),
+                "same_answer": same,
+            }
+            results["queries"][name] = entry
+            print(
+                f"  admin {name}: p50 {entry['p50_ms']:.2f} ms, p99 {entry['p99_ms']:.2f} ms; "
+                f"naive scan {scan_s:.2f}s ({entry['scan_over_p99']:,.0f}x p99)"
+                f"{'' if same else '  ANSWERS DIFFER'}",
+                flush=True,
+            )
+    finally:
+        gateway.stop()
+        served.unlink(missing_ok=True)
+    return results
+
+
+def _decode_cursor(text: str | None) -> tuple[int, str] | None:
+    if not text:
+        return None
+
+    ts, rid = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    return int(ts), str(rid)
+
+
+def run(cache_dir: Path, workdir: Path, quick: bool) -> dict[str, Any]:
+    count = 200_000 if quick else 1_000_000
+    start = time.perf_counter()
+    path = audit_data.audit_file(cache_dir, count)
+    print(
+        f"  audit file: {count:,} records ({path.stat().st_size / 1e6:.0f} MB) "
+        f"ready in {time.perf_counter() - start:.1f}s",
+        flush=True,
+    )
+    return {
+        "records": count,
+        "writer": writer_throughput(workdir, quick),
+        "replay": replay_in_child(path, workdir, 1 if quick else 3),
+        "admin": admin_queries(path, workdir, quick),
+    }
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "replay":
+        _replay_main(sys.argv[2])
+    else:
+        sys.exit(__doc__)

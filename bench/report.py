@@ -1,0 +1,249 @@
+"""Turn the raw runs into medians with spreads, same-round ratios, the issue's target checks
+and a markdown report."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Stats = dict[str, float]  # median, min, max, n
+
+
+def stats(values: list[float | None]) -> Stats | None:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return {
+        "median": statistics.median(present),
+        "min": min(present),
+        "max": max(present),
+        "n": len(present),
+    }
+
+
+def _by(rows: list[dict[str, Any]], *keys: str) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        grouped[tuple(row[k] for k in keys)].append(row)
+    return grouped
+
+
+LOAD_METRICS = [
+    *("rps", "p50_ms", "p90_ms", "p99_ms", "errors", "cpu_ms_per_request"),
+    *("rss_tree_mb", "rss_process_mb", "ttfe_load_p50_ms", "ttfe_load_p99_ms"),
+]
+SINGLE_METRICS = [
+    *("chat_p50_ms", "chat_p90_ms", "chat_p99_ms", "ttfe_p50_ms", "ttfe_p99_ms"),
+    "stream_total_p50_ms",
+]
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Medians and spreads per target (and scenario), and added latency against `direct`."""
+    load = {
+        f"{t}/{s}": {m: stats([r.get(m) for r in rows]) for m in LOAD_METRICS}
+        for (t, s), rows in _by(results["runs"], "target", "scenario").items()
+    }
+    single = {
+        t: {m: stats([r.get(m) for r in rows]) for m in SINGLE_METRICS}
+        for (t,), rows in _by(results["single"], "target").items()
+    }
+    direct = {r["round"]: r for r in results["single"] if r["target"] == "direct"}
+    added: dict[str, dict[str, Stats | None]] = {}
+    for (t,), rows in _by(results["single"], "target").items():
+        pairs = [(r, direct.get(r["round"])) for r in rows]
+        added[t] = {
+            name: stats([_minus(r.get(field), d.get(field) if d else None) for r, d in pairs])
+            for name, field in (("chat_p50_ms", "chat_p50_ms"), ("ttfe_p50_ms", "ttfe_p50_ms"))
+        }
+    startup = {
+        t: stats([r["startup_s"] for r in rows])
+        for (t,), rows in _by(results["startup"], "target").items()
+    }
+    peak = {
+        t: {
+            "process_mb": max(r["rss_process_mb"] for r in rows),
+            "tree_mb": max(r["rss_tree_mb"] for r in rows),
+        }
+        for (t,), rows in _by(results["runs"], "target").items()
+    }
+    return {"load": load, "single": single, "added": added, "startup": startup, "peak_rss": peak}
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 3)
+
+
+def same_round_ratio(
+    results: dict[str, Any], target: str, baseline: str, scenario: str, metric: str = "rps"
+) -> Stats | None:
+    """target/baseline of one metric, computed round by round (side by side), then summarized."""
+    rows = {(r["round"], r["target"]): r for r in results["runs"] if r["scenario"] == scenario}
+    ratios: list[float | None] = []
+    for (round_, name), row in rows.items():
+        base = rows.get((round_, baseline))
+        if name == target and base and base.get(metric) and row.get(metric) is not None:
+            ratios.append(row[metric] / base[metric])
+    return stats(ratios)
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    number: int
+    text: str
+    measured: str
+    needed: str
+    status: str  # met | not met | n/a
+
+
+def check_targets(results: dict[str, Any], summary: dict[str, Any]) -> list[Check]:
+    """The seven targets of issue 3, each with its measured ratio."""
+    ran = set(results["targets"])
+    checks: list[Check] = []
+
+    def add(number: int, text: str, needs: tuple[str, ...], measure: Callable[[], Any]) -> None:
+        missing = [n for n in needs if n not in ran]
+        if missing:
+            checks.append(Check(number, text, f"({', '.join(missing)} not run)", "", "n/a"))
+            return
+        try:
+            measured, needed, ok = measure()
+        except (KeyError, TypeError, ZeroDivisionError) as exc:
+            reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else repr(exc)
+            checks.append(Check(number, text, f"(no figure: {reason})", "", "n/a"))
+            return
+        status = "n/a" if ok is None else "met" if ok else "not met"
+        checks.append(Check(number, text, measured, needed, status))
+
+    def ratio(
+        target: str, base: str, scenario: str, at_least: float, *, above: bool = False
+    ) -> tuple[str, str, bool]:
+        r = same_round_ratio(results, target, base, scenario)
+        if r is None:
+            raise KeyError(f"{target} or {base} has no {scenario} figure")
+        if above:
+            return _x(r), f"> {at_least:g}x", r["median"] > at_least
+        return _x(r), f">= {at_least:g}x", r["median"] >= at_least
+
+    def added_ratio(field: str, peer: str, times: float) -> tuple[str, str, bool]:
+        ours = summary["added"]["crabtrio"][field]["median"]
+        theirs = summary["added"][peer][field]["median"]
+        factor = theirs / ours if ours > 0 else float("inf")
+        text = f"+{ours:.2f} ms vs +{theirs:.2f} ms ({factor:.1f}x less)"
+        return text, f"<= 1/{times:g} of {peer}'s", ours <= theirs / times
+
+    add(
+        1,
+        "non-streaming req/s: crabtrio / litellm",
+        ("litellm",),
+        lambda: ratio("crabtrio", "litellm", "chat", 10),
+    )
+    add(
+        1,
+        "non-streaming req/s: crabtrio / crabtrio-mock",
+        ("crabtrio-mock",),
+        lambda: ratio("crabtrio", "crabtrio-mock", "chat", 0.40),
+    )
+    add(
+        2,
+        "added p50 latency at 1 connection vs litellm",
+        ("litellm",),
+        lambda: added_ratio("chat_p50_ms", "litellm", 12),
+    )
+    add(
+        2,
+        "added stream time-to-first-byte vs litellm",
+        ("litellm",),
+        lambda: added_ratio("ttfe_p50_ms", "litellm", 10),
+    )
+    add(
+        3,
+        "streaming req/s: crabtrio / litellm",
+        ("litellm",),
+        lambda: ratio("crabtrio", "litellm", "stream", 10),
+    )
+
+    def paced_errors() -> tuple[str, str, bool]:
+        rows = [
+            r for r in results["runs"] if r["target"] == "crabtrio" and r["scenario"] == "paced500"
+        ]
+        if not rows:
+            raise KeyError("paced500 not run (not part of QUICK)")
+        errors = sum(r["errors"] for r in rows)
+        # wrk does not count streams still running at the end: every connection must also
+        # have finished at least one stream, or "no errors" would mean nothing.
+        short = [r["requests"] for r in rows if r["requests"] < 500]
+        text = f"{errors} errors, {sum(r['requests'] for r in rows):,} streams in {len(rows)} runs"
+        if short:
+            text += f"; runs finishing fewer than 500: {short}"
+        return text, "0 errors, all 500 finish", errors == 0 and not short
+
+    add(3, "500 paced streams on one worker complete without error", (), paced_errors)
+
+    def ttfe_vs_portkey() -> tuple[str, str, bool]:
+        ours = summary["added"]["crabtrio"]["ttfe_p50_ms"]["median"]
+        theirs = summary["added"]["portkey"]["ttfe_p50_ms"]["median"]
+        return f"+{ours:.2f} ms vs +{theirs:.2f} ms", "below portkey's", ours < theirs
+
+    add(3, "added time-to-first-event vs portkey", ("portkey",), ttfe_vs_portkey)
+    add(
+        4,
+        "non-streaming req/s: crabtrio / crabtrio-noaudit",
+        ("crabtrio-noaudit",),
+        lambda: ratio("crabtrio", "crabtrio-noaudit", "chat", 0.95),
+    )
+
+    def rss_vs_litellm() -> tuple[str, str, bool]:
+        ours = summary["peak_rss"]["crabtrio"]["process_mb"]
+        theirs = summary["peak_rss"]["litellm"]["process_mb"]
+        return (
+            f"{ours:.0f} MB vs {theirs:.0f} MB ({ours / theirs:.2f}x)",
+            "<= 0.25x",
+            ours <= theirs / 4,
+        )
+
+    add(5, "peak RSS of one worker under load vs litellm", ("litellm",), rss_vs_litellm)
+
+    def admin_selective() -> tuple[str, str, bool | None]:
+        query = results["audit"]["admin"]["queries"]["key (selective)"]
+        factor = query["scan_s"] / (query["p99_ms"] / 1000)
+        text = f"p99 {query['p99_ms']:.2f} ms vs scan {query['scan_s']:.2f} s ({factor:,.0f}x)"
+        records = results["audit"]["records"]
+        if records < 1_000_000:  # QUICK: the scan of a smaller file is proportionally shorter
+            return f"{text}, over {records:,} records", ">= 1000x over 1,000,000", None
+        return text, ">= 1000x", factor >= 1000
+
+    def replay_rate() -> tuple[str, str, bool]:
+        runs = results["audit"]["replay"]
+        rate = statistics.median(r["records_per_s"] for r in runs)
+        return (
+            f"{rate:,.0f} records/s ({runs[0]['records']:,} records)",
+            ">= 200,000/s",
+            rate >= 200_000,
+        )
+
+    add(6, "admin query p99 vs naive full scan, selective key filter", (), admin_selective)
+    add(6, "audit replay speed", (), replay_rate)
+    add(
+        7,
+        "non-streaming req/s: crabtrio-w2 / portkey",
+        ("crabtrio-w2", "portkey"),
+        lambda: ratio("crabtrio-w2", "portkey", "chat", 1, above=True),
+    )
+    return checks
+
+
+def _x(s: Stats) -> str:
+    return f"{s['median']:.3g}x [{s['min']:.3g}-{s['max']:.3g}]"
+
+
+def fmt(s: Stats | None, digits: int = 1, spread: bool = True) -> str:
+    if s is None:
+        return "-"
+    text = f"{s['median']:,.{digits}f}"
+    if spread and s["n"] > 1:
+        text += f" [{s['min']:,.{digits}f}-{s['max']:,.{digits}f}]"
+    return text
