@@ -134,8 +134,11 @@ class ConnectionPool:
         tcp.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
         stream: trio.abc.Stream = tcp
         if origin.tls:
-            context = self._ssl_context or ssl.create_default_context()
-            tls = trio.SSLStream(tcp, context, server_hostname=origin.host, https_compatible=True)
+            if self._ssl_context is None:  # built once: loading the CA store takes milliseconds
+                self._ssl_context = ssl.create_default_context()
+            tls = trio.SSLStream(
+                tcp, self._ssl_context, server_hostname=origin.host, https_compatible=True
+            )
             try:
                 await tls.do_handshake()
             except BaseException:

@@ -191,11 +191,16 @@ async def _stream(
         aborted_status=lambda: aborted_status(scope),
         wait_recorded=lambda sequence: _recorded(svc, sequence),
     )
-    async with aclosing(events):  # its `finally` records a cut stream, even unstarted
-        await send({"type": "http.response.start", "status": 200, "headers": list(_SSE)})
-        async for chunk in events:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    try:
+        async with aclosing(events):  # runs the relay's `finally`, which records a cut stream
+            await send({"type": "http.response.start", "status": 200, "headers": list(_SSE)})
+            async for chunk in events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        # The relay closes the upstream response itself, unless it never started (a client
+        # gone before the first event): then this does. Closing twice is harmless.
+        await opened.aclose()
 
 
 async def _recorded(svc: Services, sequence: int) -> None:

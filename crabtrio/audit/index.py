@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sortedcontainers import SortedList
+from .sortedblocks import SortedBlocks
 
 # An entry: (timestamp, request_id, location, key_name, model, provider, status).
 # Sorted by (timestamp, request_id); `location` (unique per line) settles exact duplicates.
@@ -17,10 +17,10 @@ Cursor = tuple[int, str]
 FIELDS: dict[str, int] = {"key": 3, "model": 4, "provider": 5, "status": 6}
 
 
-def _merged(existing: Any, batch: list[Entry]) -> Any:
-    """`existing` (a SortedList or None) with `batch` added, whichever way is cheaper."""
-    if existing is None or len(existing) < len(batch):
-        return SortedList([*existing, *batch] if existing else batch)
+def _merged(existing: SortedBlocks | None, batch: list[Entry]) -> SortedBlocks:
+    """`existing` (or a new list) with `batch` added."""
+    if existing is None:
+        return SortedBlocks(batch)
     existing.update(batch)
     return existing
 
@@ -35,8 +35,8 @@ class AuditIndex:
     """Every entry sits in one sorted list, and in one posting list per filterable field."""
 
     def __init__(self) -> None:
-        self._all: Any = SortedList()
-        self._postings: dict[str, dict[Any, Any]] = {name: {} for name in FIELDS}
+        self._all = SortedBlocks()
+        self._postings: dict[str, dict[Any, SortedBlocks]] = {name: {} for name in FIELDS}
 
     def __len__(self) -> int:
         return len(self._all)
@@ -48,7 +48,7 @@ class AuditIndex:
             value = entry[position]
             bucket = postings.get(value)
             if bucket is None:
-                postings[value] = bucket = SortedList()
+                postings[value] = bucket = SortedBlocks()
             bucket.add(entry)
 
     def extend(self, entries: Iterable[Entry]) -> None:
@@ -114,7 +114,7 @@ class AuditIndex:
         lower = None if since is None else (since,)
         found: list[int] = []
         last: Entry | None = None
-        for entry in source.irange(lower, upper, inclusive=(True, False), reverse=True):
+        for entry in source.irange_descending(lower, upper):
             if checks and any(entry[position] != value for position, value in checks):
                 continue
             if len(found) == limit:
