@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import random
+from typing import Any
 
 import pytest
+import trio
 from trio.testing import MockClock
 
 from crabtrio import routing
+from crabtrio.audit import store
 
 
 @pytest.fixture
@@ -40,3 +44,26 @@ class _HeaviestFirst(random.Random):
 def heaviest_provider_first(monkeypatch: pytest.MonkeyPatch) -> None:
     """App tests see the heaviest provider tried first (test_routing passes its own rng)."""
     monkeypatch.setattr(routing, "random", _HeaviestFirst())
+
+
+class FullDisk:
+    """A switch for the `full_disk` fixture: while `full`, audit appends fail with ENOSPC."""
+
+    def __init__(self) -> None:
+        self.full = True
+        self.failed = trio.Event()  # set at the first failed append
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> FullDisk:
+    disk = FullDisk()
+    real_append = store.AuditFile.append
+
+    def append(self: store.AuditFile, data: bytes, **options: Any) -> store.AppendResult:
+        if disk.full and data:
+            trio.from_thread.run_sync(disk.failed.set)  # appends run in a worker thread
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_append(self, data, **options)
+
+    monkeypatch.setattr(store.AuditFile, "append", append)
+    return disk

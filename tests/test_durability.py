@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import trio
 
-from crabtrio.audit import pending as pending_module, store
+from crabtrio.audit import pending as pending_module
 
 from .audit.records import record
 from .harness import TEAM_A, gateway
@@ -117,17 +117,8 @@ async def test_clock_stepping_back_loses_nothing_in_queries_or_pages(tmp_path, m
 
 
 async def test_backlog_at_its_bound_refuses_requests_and_health_says_why(
-    tmp_path, monkeypatch
+    tmp_path, full_disk
 ) -> None:
-    real_append = store.AuditFile.append
-    disk = {"full": True}
-
-    def append(self, data: bytes, **options):
-        if disk["full"] and data:
-            raise OSError(28, "No space left on device")
-        return real_append(self, data, **options)
-
-    monkeypatch.setattr(store.AuditFile, "append", append)
     async with gateway(tmp_path, audit="queue_max = 3") as gw:
         statuses = [
             (await gw.post("/v1/chat/completions", CHAT, headers=TEAM_A)).status_code
@@ -143,7 +134,7 @@ async def test_backlog_at_its_bound_refuses_requests_and_health_says_why(
         assert (
             "No space left" in state["reason"] and state["pending"] == 3 and state["refused"] == 3
         )
-        disk["full"] = False
+        full_disk.full = False
         with trio.fail_after(1):
             while (await health(gw))["written"] < 3:
                 await trio.sleep(0.01)

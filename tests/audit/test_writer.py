@@ -116,31 +116,20 @@ async def test_never_mode_does_not_fsync_records(tmp_path, fsyncs) -> None:
     assert len(request_ids(path)) == 10
 
 
-async def test_failed_writes_keep_records_and_recover(tmp_path, monkeypatch) -> None:
+async def test_failed_writes_keep_records_and_recover(tmp_path, full_disk) -> None:
     path = tmp_path / "a.jsonl"
-    failing = trio.Event()
-    real_append = store.AuditFile.append
-    state = {"fail": True}
-
-    def append(self, data: bytes, **options):
-        if state["fail"] and data:
-            trio.from_thread.run_sync(failing.set)
-            raise OSError(28, "No space left on device")
-        return real_append(self, data, **options)
-
-    monkeypatch.setattr(store.AuditFile, "append", append)
     async with AuditLogger.open(AuditConfig(path=str(path), queue_max=5)) as logger:
         for i in range(5):
             logger.record(record(i))
         with trio.fail_after(2):
-            await failing.wait()
+            await full_disk.failed.wait()
             while logger.statistics().state != "degraded":
                 await trio.sleep(0.01)
         stats = logger.statistics()
         assert stats.failed_writes >= 1 and "No space left" in (stats.reason or "")
         assert not logger.admit()  # the backlog is at its bound: new requests are refused
         assert logger.statistics().refused == 1
-        state["fail"] = False
+        full_disk.full = False
         with trio.fail_after(1):
             while logger.statistics().written < 5:
                 await trio.sleep(0.01)
@@ -157,17 +146,8 @@ async def test_disabled_logger_records_nothing(tmp_path) -> None:
     assert not path.exists()
 
 
-async def test_always_mode_refuses_new_requests_while_the_disk_fails(tmp_path, monkeypatch) -> None:
+async def test_always_mode_refuses_new_requests_while_the_disk_fails(tmp_path, full_disk) -> None:
     path = tmp_path / "a.jsonl"
-    real_append = store.AuditFile.append
-    state = {"fail": True}
-
-    def append(self, data: bytes, **options):
-        if state["fail"] and data:
-            raise OSError(28, "No space left on device")
-        return real_append(self, data, **options)
-
-    monkeypatch.setattr(store.AuditFile, "append", append)
     async with AuditLogger.open(AuditConfig(path=str(path), sync="always")) as logger:
         assert logger.admit()
         sequence = logger.record(record(1))
@@ -175,7 +155,7 @@ async def test_always_mode_refuses_new_requests_while_the_disk_fails(tmp_path, m
             while logger.statistics().state == "ok":
                 await trio.sleep(0.01)
         assert not logger.admit()  # nothing could be acknowledged: refuse new work
-        state["fail"] = False
+        full_disk.full = False
         with trio.fail_after(2):
             await logger.wait_durable(sequence)  # the in-flight request completes
         assert logger.admit()
