@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[WORKER_REPORT_ENV] = report.name  # spawned workers inherit it
         code = hypercorn_main(_with_defaults(list(sys.argv[1:] if argv is None else argv)))
         # hypercorn returns once one worker has exited, and SIGTERMs the rest; they finish
-        # their drain (crabtrio workers turn that SIGTERM into a graceful stop): wait for them.
+        # their drain (crabtrio workers ignore SIGTERM): wait for them.
         for worker in multiprocessing.active_children():
             worker.join()
         with open(report.name) as file:

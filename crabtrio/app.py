@@ -101,7 +101,7 @@ def create_app(
                 _exit(str(exc))
             raise
         if multiprocessing.parent_process() is not None:  # a hypercorn worker
-            _install_sigterm_forwarding()
+            _ignore_sigterm_in_worker()
             _freeze_startup_objects()
         _log_startup(loaded)
         report_to_master("start")
@@ -161,20 +161,16 @@ def _exit(message: str) -> NoReturn:
     os._exit(EXIT_STARTUP_FAILED)
 
 
-def _install_sigterm_forwarding() -> None:
-    """In a hypercorn worker, turn a SIGTERM aimed at us into the master's graceful stop.
+def _ignore_sigterm_in_worker() -> None:
+    """In a hypercorn worker, leave SIGTERM to the master.
 
     systemd and `docker stop` signal the whole process group; the worker's default SIGTERM
-    action would kill it on the spot, with no drain. The master, told instead, asks every
-    worker to finish in-flight requests and run the lifespan shutdown that flushes the log.
+    action would kill it on the spot, with no drain. Ignored, the signal reaches only the
+    master, which asks every worker to finish in-flight requests and run the lifespan
+    shutdown that flushes the audit log. (Forwarding it to the master instead deadlocked the
+    master: its handler could re-enter while holding multiprocessing.Event's lock.)
     """
-    master = os.getppid()
-
-    def forward(signum: int, frame: object) -> None:
-        if os.getppid() == master:
-            os.kill(master, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _freeze_startup_objects() -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -131,40 +132,53 @@ def test_unwritable_audit_directory_stops_startup(tmp_path, start_gateway) -> No
         launcher = Process(
             [PYTHON, "-m", "crabtrio", "--bind", "127.0.0.1:0"], cwd=tmp_path, env=env
         )
-        assert launcher.wait(10) == 3
-        assert time.monotonic() - started < 2
-        assert (
-            f"cannot open audit file {read_only}/audit.jsonl: Read-only file system"
-            in launcher.output
-        )
-        assert "Traceback" not in launcher.output and "Running on" not in launcher.output
-        launcher.stop()
+        try:
+            assert launcher.wait(10) == 3
+            assert time.monotonic() - started < 2
+            assert (
+                f"cannot open audit file {read_only}/audit.jsonl: Read-only file system"
+                in launcher.output
+            )
+            assert "Traceback" not in launcher.output and "Running on" not in launcher.output
+        finally:
+            launcher.stop()
         # Plain hypercorn: the worker prints the same line and stops, but hypercorn 0.18's
         # master exits 0 (pgjones/hypercorn#269); `python -m crabtrio` passes the failure on.
         plain = start_gateway(None, env={"CRABTRIO_CONFIG": str(tmp_path / "ro.toml")}, wait=False)
         plain.wait(10)
         assert "Read-only file system" in plain.output and "Traceback" not in plain.output
         assert "Running on" not in plain.output
-    if os.geteuid() == 0 and shutil.which("setpriv"):
-        # A 0555 directory stops a non-root user: run the launcher as `nobody`, from a
-        # directory it may read (pytest's own temporary root is private to root).
-        shared = Path(tempfile.mkdtemp(prefix="crabtrio-nobody-"))
+
+
+def test_a_0555_directory_stops_a_non_root_user() -> None:
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run the launcher as `nobody`")
+    as_nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    if subprocess.run(
+        [*as_nobody, PYTHON, "-c", "import crabtrio"], capture_output=True
+    ).returncode:
+        pytest.skip("`nobody` cannot import crabtrio from this checkout (a private directory)")
+    # From a directory `nobody` may read (pytest's own temporary root is private to root).
+    shared = Path(tempfile.mkdtemp(prefix="crabtrio-nobody-"))
+    try:
+        shared.chmod(0o755)
+        locked = shared / "locked"
+        locked.mkdir(mode=0o555)
+        config = f"[providers.m]\nkind = 'mock'\nmodels = ['m']\n[audit]\npath = '{locked}/audit.jsonl'\n"
+        (shared / "locked.toml").write_text(config)
+        env = {**os.environ, "CRABTRIO_CONFIG": str(shared / "locked.toml")}
+        denied = Process(
+            [*as_nobody, PYTHON, "-m", "crabtrio", "--bind", "127.0.0.1:0"], cwd=shared, env=env
+        )
         try:
-            shared.chmod(0o755)
-            locked = shared / "locked"
-            locked.mkdir(mode=0o555)
-            (shared / "locked.toml").write_text(config.format(locked / "audit.jsonl"))
-            as_nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
-            env = {**os.environ, "CRABTRIO_CONFIG": str(shared / "locked.toml")}
-            command = [*as_nobody, PYTHON, "-m", "crabtrio", "--bind", "127.0.0.1:0"]
-            denied = Process(command, cwd=shared, env=env)
             assert denied.wait(10) == 3, denied.output
             assert (
                 f"cannot open audit file {locked}/audit.jsonl: Permission denied" in denied.output
             )
-            denied.stop()
         finally:
-            shutil.rmtree(shared)
+            denied.stop()
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_launcher_passes_a_worker_startup_failure_on(tmp_path) -> None:
