@@ -94,7 +94,6 @@ def create_app(
         configure_logging()
         try:
             loaded = config if config is not None else _load()
-            app.config["MAX_CONTENT_LENGTH"] = int(loaded.max_body_mb * 1024 * 1024)
             app.extensions["crabtrio"] = await app.nursery.start(host, loaded)
         except StartupError as exc:
             if exit_on_startup_error:

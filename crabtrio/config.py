@@ -100,6 +100,10 @@ class Config:
     warnings: tuple[str, ...] = ()
 
     @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @property
     def models(self) -> list[str]:
         """Canonical model names, in the order the providers list them."""
         seen: dict[str, None] = {}

@@ -28,10 +28,6 @@ class GatewayError(Exception):
         if status is not None:
             self.status = status
 
-    @property
-    def message(self) -> str:
-        return str(self)
-
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"message": str(self), "type": self.kind, "code": self.code}
         if self.param is not None:

@@ -156,7 +156,7 @@ class ConnectionPool:
 class Response:
     """A response whose head is in; read the body with `receive()` or `read()`, then close."""
 
-    __slots__ = ("_connection", "_decoder", "_done", "_pool", "_timeout", "headers", "status")
+    __slots__ = ("_connection", "_decoder", "_pool", "_timeout", "headers", "status")
 
     def __init__(
         self, pool: ConnectionPool, connection: _Connection, head: h11.Response, timeout: float
@@ -164,7 +164,6 @@ class Response:
         self._pool = pool
         self._connection: _Connection | None = connection
         self._timeout = timeout
-        self._done = False
         self.status: int = head.status_code
         self.headers: list[tuple[bytes, bytes]] = list(head.headers)
         self._decoder = _decoder_for(self.headers)
@@ -198,7 +197,6 @@ class Response:
 
     def _finish(self) -> None:
         connection, self._connection = self._connection, None
-        self._done = True
         if connection is None:
             return
         h11_connection = connection.h11

@@ -107,7 +107,6 @@ class StreamResponse:
     """`chat_stream` in the shape of an upstream response, so streams are relayed alike."""
 
     status = 200
-    headers = [(b"content-type", b"text/event-stream")]
 
     def __init__(self, body: dict[str, Any], provider: ProviderConfig) -> None:
         self._events = chat_stream(body, provider)

@@ -20,17 +20,13 @@ from . import mock
 from .audit.record import clip
 from .config import ProviderConfig
 from .errors import GatewayError, UpstreamError, UpstreamRejected, UpstreamTimeout
-from .http11 import HTTPError
 from .routing import backoff_delay
 from .sse import EventSplitter
 from .upstream import (
-    BROKEN,
     UpstreamClient,
     UpstreamFailure,
     UpstreamResponse,
     close_quietly,
-    describe,
-    failure_mid_body,
     read_body,
     scrub,
 )
@@ -51,10 +47,7 @@ class OpenedStream:
 
     async def receive(self) -> bytes:
         """The next chunk of the stream, b"" at its end; raises UpstreamFailure."""
-        try:
-            return await self.response.receive()
-        except (trio.TooSlowError, HTTPError, *BROKEN) as exc:
-            raise failure_mid_body(exc, self.provider) from None
+        return await self.response.receive()
 
     async def drain(self) -> None:
         """Read what follows [DONE] (normally just the body's end) so the connection is reused."""
@@ -113,7 +106,7 @@ async def _check_status(
     status = response.status
     if 200 <= status < 300:
         return None
-    body = scrub(await read_body(response, provider), [provider.api_key])
+    body = scrub(await read_body(response), [provider.api_key])
     if 400 <= status < 500 and status != 429:
         raise UpstreamRejected(status, _error_body(body, status, provider), provider.name)
     message = f"upstream {provider.name} returned {status}{_upstream_message(body)}"
@@ -140,7 +133,7 @@ async def call_json(
             response = await client.post(provider, PATHS[endpoint], payload)
             problem = await _check_status(response, provider)
             if problem is None:
-                return await read_body(response, provider)
+                return await read_body(response)
             attempts.failed(problem)
         except UpstreamFailure as failure:
             attempts.failed(failure)
@@ -188,20 +181,10 @@ async def _first_events(
     response: UpstreamResponse, provider: ProviderConfig
 ) -> OpenedStream | None:
     splitter = EventSplitter()
-    try:
-        while chunk := await response.receive():
-            first = splitter.feed(chunk)
-            if first:
-                return OpenedStream(provider, first, splitter, response)
-    except trio.TooSlowError:
-        raise UpstreamFailure(
-            f"upstream {provider.name} sent no event within {provider.timeout:g}s", timeout=True
-        ) from None
-    except (HTTPError, *BROKEN) as exc:
-        raise UpstreamFailure(
-            f"upstream {provider.name} broke off before the first event: {describe(exc)}",
-            timeout=False,
-        ) from None
+    while chunk := await response.receive():
+        first = splitter.feed(chunk)
+        if first:
+            return OpenedStream(provider, first, splitter, response)
     return None
 
 

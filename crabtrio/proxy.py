@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import trio
 
-from .asgi import PENDING, REQUEST_ID, STARTED, aborted_status
+from .asgi import PENDING, REQUEST_ID, STARTED
 from .audit import PendingRecord
 from .config import ProviderConfig
 from .errors import (
@@ -105,8 +105,7 @@ async def _accept(
     key = svc.keys.authenticate(_header(scope, b"authorization"))
     if key is not None:
         pending.key_name = key.name
-    limit = int(svc.config.max_body_mb * 1024 * 1024)
-    raw = await _read_body(scope, receive, limit)
+    raw = await _read_body(scope, receive, svc.config.max_body_bytes)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -151,7 +150,7 @@ async def _forward(
 ) -> None:
     try:
         if pending.stream:
-            await _stream(svc, scope, send, pending, request)
+            await _stream(svc, send, pending, request)
             return
         content = await call_json(
             svc.upstream,
@@ -171,9 +170,7 @@ async def _forward(
         await _send_json(send, exc.status, exc.body)
 
 
-async def _stream(
-    svc: Services, scope: Scope, send: Send, pending: PendingRecord, request: _Request
-) -> None:
+async def _stream(svc: Services, send: Send, pending: PendingRecord, request: _Request) -> None:
     body = request.body
     options = body.get("stream_options")
     wants_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -185,22 +182,16 @@ async def _stream(
         svc.upstream, request.plan, body, orjson.dumps(body), pending.set_provider
     )
     events = relay(
-        opened,
-        pending,
-        wants_usage=wants_usage,
-        aborted_status=lambda: aborted_status(scope),
-        wait_recorded=lambda sequence: _recorded(svc, sequence),
+        opened, pending, wants_usage=wants_usage, wait_recorded=lambda s: _recorded(svc, s)
     )
     try:
-        async with aclosing(events):  # runs the relay's `finally`, which records a cut stream
+        async with aclosing(events):
             await send({"type": "http.response.start", "status": 200, "headers": list(_SSE)})
             async for chunk in events:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
-        # The relay closes the upstream response itself, unless it never started (a client
-        # gone before the first event): then this does. Closing twice is harmless.
-        await opened.aclose()
+        await opened.aclose()  # shielded: also after a client left or the server cut us off
 
 
 async def _recorded(svc: Services, sequence: int) -> None:

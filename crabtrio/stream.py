@@ -51,14 +51,13 @@ async def relay(
     pending: PendingRecord,
     *,
     wants_usage: bool,
-    aborted_status: Callable[[], int],
     wait_recorded: Callable[[int], Awaitable[None]],
 ) -> AsyncGenerator[bytes]:
     """Yield the stream's events as they arrive; end with [DONE] once the record is made.
 
-    The record is made exactly once: at [DONE] (200), on an upstream failure mid-stream
-    (502, or 504 when it stalled), or in `finally` when the request is cut off, with the
-    status `aborted_status()` gives (499 for a client that left, 503 for a server cut).
+    Records the stream at [DONE] (200) or on an upstream failure mid-stream (502, or 504
+    when it stalled). A stream cut off by the client (499) or the server (503) is recorded
+    by the ASGI layer, which sees every request end; the caller closes `opened`.
     """
     usage = _UsageFilter(pending, wants_usage)
     try:
@@ -80,16 +79,3 @@ async def relay(
         yield sse.event(error.body())
     except GatewayError as exc:  # the record could not be made durable: no [DONE]
         yield sse.event(exc.body())
-    finally:
-        # Runs on a client disconnect or server cut too, already cancelled: sync calls only,
-        # and a shielded close.
-        if not pending.done:
-            status = aborted_status()
-            pending.finish(status, _ABORT_REASONS.get(status, "stream cut off"))
-        await opened.aclose()
-
-
-_ABORT_REASONS = {
-    499: "client disconnected mid-stream",
-    503: "stream cut by the server (shutdown)",
-}

@@ -30,7 +30,6 @@ class UpstreamFailure(Exception):
 
 class UpstreamResponse(Protocol):
     status: int
-    headers: list[tuple[bytes, bytes]]
 
     async def receive(self) -> bytes:
         """The next chunk of the body, b"" at its end."""
@@ -77,7 +76,41 @@ class H11Transport:
 
 
 # What a broken (rather than slow) exchange raises below us.
-BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError)
+_BROKEN = (
+    HTTPError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    h11.ProtocolError,
+    OSError,
+)
+
+
+class _Translated:
+    """A response whose body reads raise UpstreamFailure, never a transport's own errors."""
+
+    __slots__ = ("_provider", "_response", "status")
+
+    def __init__(self, response: UpstreamResponse, provider: ProviderConfig) -> None:
+        self._response = response
+        self._provider = provider
+        self.status = response.status
+
+    async def receive(self) -> bytes:
+        try:
+            return await self._response.receive()
+        except trio.TooSlowError:
+            provider = self._provider
+            raise UpstreamFailure(
+                f"upstream {provider.name} sent nothing for {provider.timeout:g}s", timeout=True
+            ) from None
+        except _BROKEN as exc:
+            raise UpstreamFailure(
+                f"upstream {self._provider.name} broke off its answer: {describe(exc)}",
+                timeout=False,
+            ) from None
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +163,12 @@ class UpstreamClient:
         """POST `body`; return once the status and headers are in (the body still streams).
 
         `provider.timeout` bounds the wait for the headers, then each gap between reads.
-        Raises UpstreamFailure on timeout or transport error.
+        Raises UpstreamFailure on timeout or transport error, here and from `receive()`.
         """
         endpoint = self._endpoint(provider, path)
         headers = [*endpoint.headers, (b"content-length", b"%d" % len(body))]
         try:
-            return await self._transport.request(
+            response = await self._transport.request(
                 endpoint.origin, b"POST", endpoint.target, headers, body, provider.timeout
             )
         except trio.TooSlowError:
@@ -143,35 +176,22 @@ class UpstreamClient:
                 f"upstream {provider.name} did not answer within {provider.timeout:g}s",
                 timeout=True,
             ) from None
-        except (HTTPError, *BROKEN) as exc:
+        except _BROKEN as exc:
             raise UpstreamFailure(
                 f"cannot reach upstream {provider.name}: {describe(exc)}", timeout=False
             ) from None
+        return _Translated(response, provider)
 
 
-async def read_body(response: UpstreamResponse, provider: ProviderConfig) -> bytes:
-    """The whole response body (each read gap bounded by the provider's timeout)."""
+async def read_body(response: UpstreamResponse) -> bytes:
+    """The whole body of a response from `post` (raises UpstreamFailure), then close it."""
     try:
         parts = []
         while chunk := await response.receive():
             parts.append(chunk)
         return b"".join(parts)
-    except (trio.TooSlowError, HTTPError, *BROKEN) as exc:
-        raise failure_mid_body(exc, provider) from None
     finally:
         await response.aclose()
-
-
-def failure_mid_body(exc: BaseException, provider: ProviderConfig) -> UpstreamFailure:
-    """Translate an error raised while reading a body."""
-    if isinstance(exc, trio.TooSlowError):
-        return UpstreamFailure(
-            f"upstream {provider.name} sent nothing for {provider.timeout:g}s mid-answer",
-            timeout=True,
-        )
-    return UpstreamFailure(
-        f"upstream {provider.name} broke off its answer: {describe(exc)}", timeout=False
-    )
 
 
 async def close_quietly(response: UpstreamResponse) -> None:

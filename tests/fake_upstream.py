@@ -40,13 +40,15 @@ class HandlerTransport:
                 response = await self.handler(request)
             except httpx.ConnectError as exc:
                 raise OSError(errno.ECONNREFUSED, str(exc)) from None
-        return FakeResponse(response)
+        return FakeResponse(response, timeout)
 
 
 class FakeResponse:
-    def __init__(self, response: httpx.Response) -> None:
+    """Like the real client's responses: each read of the body waits at most `timeout`."""
+
+    def __init__(self, response: httpx.Response, timeout: float) -> None:
         self.status = response.status_code
-        self.headers = list(response.headers.raw)
+        self._timeout = timeout
         self._response = response
         self._chunks: AsyncIterator[bytes] | None = None
         try:
@@ -61,8 +63,9 @@ class FakeResponse:
         if self._chunks is None:
             self._chunks = self._response.aiter_raw()
         try:
-            while not (chunk := await anext(self._chunks)):
-                pass
+            with trio.fail_after(self._timeout):
+                while not (chunk := await anext(self._chunks)):
+                    pass
             return chunk
         except StopAsyncIteration:
             return b""

@@ -327,26 +327,15 @@ async def test_long_stream_outlives_quarts_response_timeout(tmp_path) -> None:
 
 async def test_mock_provider_answers_every_endpoint(tmp_path) -> None:
     async with gateway(tmp_path) as gw:
-        chat = orjson.loads(
-            await (
-                await gw.post(
-                    "/v1/chat/completions",
-                    {"model": "mock-chat", "messages": [{"role": "user", "content": "a b c"}]},
-                    headers=TEAM_A,
-                )
-            ).get_data()
-        )
+        body = {"model": "mock-chat", "messages": [{"role": "user", "content": "a b c"}]}
+
+        async def chat_once() -> dict:
+            response = await gw.post("/v1/chat/completions", body, headers=TEAM_A)
+            return orjson.loads(await response.get_data())
+
+        chat = await chat_once()
         assert chat["usage"] == {"prompt_tokens": 4, "completion_tokens": 8, "total_tokens": 12}
-        again = orjson.loads(
-            await (
-                await gw.post(
-                    "/v1/chat/completions",
-                    {"model": "mock-chat", "messages": [{"role": "user", "content": "a b c"}]},
-                    headers=TEAM_A,
-                )
-            ).get_data()
-        )
-        assert again["choices"] == chat["choices"]
+        assert (await chat_once())["choices"] == chat["choices"]  # deterministic
         streamed = events_of(
             await (
                 await gw.post(

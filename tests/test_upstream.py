@@ -24,9 +24,7 @@ async def test_requests_carry_the_providers_headers() -> None:
         return httpx.Response(200, content=b"ok")
 
     client = UpstreamClient(HandlerTransport(handler))
-    assert (
-        await read_body(await client.post(PROVIDER, "/chat/completions", b"{}"), PROVIDER) == b"ok"
-    )
+    assert await read_body(await client.post(PROVIDER, "/chat/completions", b"{}")) == b"ok"
     (request,) = seen
     assert str(request.url) == "http://up.test:8000/v1/chat/completions"
     assert request.headers["authorization"] == "Bearer k"
@@ -48,3 +46,31 @@ async def test_failures_are_translated(idle_jump_clock) -> None:
     with pytest.raises(UpstreamFailure, match="did not answer within 2s") as slow:
         await UpstreamClient(HandlerTransport(hang)).post(PROVIDER, "/x", b"{}")
     assert slow.value.timeout
+
+
+async def test_failures_while_reading_the_body_are_translated(idle_jump_clock) -> None:
+    async def breaks(request: httpx.Request) -> httpx.Response:
+        async def chunks():
+            yield b"data: {}\n\n"
+            raise httpx.ReadError("connection reset")
+
+        return httpx.Response(200, content=chunks())
+
+    async def stalls(request: httpx.Request) -> httpx.Response:
+        async def chunks():
+            yield b"data: {}\n\n"
+            await trio.sleep(60)
+            yield b"never"
+
+        return httpx.Response(200, content=chunks())
+
+    for handler, expected, timeout in (
+        (breaks, "broke off its answer", False),
+        (stalls, "sent nothing for 2s", True),
+    ):
+        response = await UpstreamClient(HandlerTransport(handler)).post(PROVIDER, "/x", b"{}")
+        assert await response.receive() == b"data: {}\n\n"
+        with pytest.raises(UpstreamFailure, match=expected) as failure:
+            await response.receive()
+        assert failure.value.timeout is timeout
+        await response.aclose()

@@ -88,14 +88,7 @@ class AuditReader:
             source = self._open_source(path)
             if source is None:
                 continue
-            corrupt = self._read_new(source, final=path != self.path)
-            if corrupt.count:
-                log.warning(
-                    "audit: skipped %d corrupt line(s) in %s (first at byte offsets %s)",
-                    corrupt.count,
-                    path,
-                    ", ".join(map(str, corrupt.first_offsets)),
-                )
+            _warn_corrupt(self._read_new(source, final=path != self.path), path)
         self._flush_to_index()
         self._active = self._sources.get(self._next_number - 1)
         if self._active is not None and self._active.path != self.path:
@@ -140,12 +133,6 @@ class AuditReader:
                 lines.append(os.pread(source.fd, span & MAX_LINE, span >> 24))
         return lines
 
-    def forget(self, path: str) -> None:
-        """Drop a file's records from the index (retention deleted it)."""
-        for number, source in list(self._sources.items()):
-            if source.path == path and source is not self._active:
-                self._drop(number)
-
     def close(self) -> None:
         for number in list(self._sources):
             self._drop(number, discard=False)
@@ -185,15 +172,8 @@ class AuditReader:
             self._unindexed = []
 
     def _read_logged(self, source: _Source, *, final: bool = False) -> None:
-        corrupt = self._read_new(source, final=final)
+        _warn_corrupt(self._read_new(source, final=final), source.path)
         self._flush_to_index()
-        if corrupt.count:
-            log.warning(
-                "audit: skipped %d corrupt line(s) appended to %s (first at byte offsets %s)",
-                corrupt.count,
-                source.path,
-                ", ".join(map(str, corrupt.first_offsets)),
-            )
 
     def _read_new(self, source: _Source, *, final: bool) -> CorruptLines:
         """Index the complete lines after `source.offset`; `final`: give up on a partial tail."""
@@ -265,3 +245,13 @@ class AuditReader:
             offset += length + 1
         source.entries.extend(entries)
         self._unindexed.extend(entries)
+
+
+def _warn_corrupt(corrupt: CorruptLines, path: str) -> None:
+    if corrupt.count:
+        log.warning(
+            "audit: skipped %d corrupt line(s) in %s (first at byte offsets %s)",
+            corrupt.count,
+            path,
+            ", ".join(map(str, corrupt.first_offsets)),
+        )

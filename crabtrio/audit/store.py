@@ -107,10 +107,10 @@ class AuditFile:
         return True
 
     def cut_torn_tail(self) -> int:
-        """Call with the lock held. Truncate a trailing partial line; return the bytes cut."""
+        """Call with the lock held. Truncate a trailing partial line; return the new size."""
         size = os.fstat(self._fd).st_size
         if size == 0 or os.pread(self._fd, 1, size - 1) == b"\n":
-            return 0
+            return size
         keep = last_newline_end(self._fd, size)
         os.ftruncate(self._fd, keep)
         log.warning(
@@ -118,7 +118,7 @@ class AuditFile:
             size - keep,
             self.path,
         )
-        return size - keep
+        return keep
 
     def append(self, data: bytes, *, rotate_at: int | None = None) -> AppendResult:
         """Append whole lines with one O_APPEND write (looping on short writes), under the lock.
@@ -129,8 +129,7 @@ class AuditFile:
         """
         with self.locked():
             reopened = self.reopen_if_replaced()
-            self.cut_torn_tail()
-            start = os.fstat(self._fd).st_size
+            start = self.cut_torn_tail()
             view = memoryview(data)
             try:
                 while view:
@@ -179,9 +178,6 @@ class AuditFile:
 
     def fsync(self) -> None:
         os.fsync(self._fd)
-
-    def size(self) -> int:
-        return os.fstat(self._fd).st_size
 
     def close(self) -> None:
         for fd in (self._fd, self._lock_fd):

@@ -216,7 +216,8 @@ class AuditLogger:
         try:
             outcome = await trio.to_thread.run_sync(self._write_sync, batch, fsync)
         except OSError as exc:
-            self._failed(f"cannot write {self.config.path}: {exc.strerror or exc}")
+            self._stats.failed_writes += 1
+            self._degraded(f"cannot write {self.config.path}: {exc.strerror or exc}")
             return False
         for _ in batch:
             self._pending.popleft()
@@ -231,7 +232,7 @@ class AuditLogger:
             self._dirty = False
             self._stats.failed_syncs += 1
             error = outcome.sync_error
-            self._failed(f"fsync of {self.config.path} failed: {error.strerror or error}")
+            self._degraded(f"fsync of {self.config.path} failed: {error.strerror or error}")
         elif outcome.synced:
             self._durable = self._written
             self._dirty = False
@@ -271,10 +272,9 @@ class AuditLogger:
             )
         return outcome
 
-    def _failed(self, reason: str) -> None:
+    def _degraded(self, reason: str) -> None:
         if self._stats.reason != reason:
             log.error("audit: %s; %d record(s) held in memory", reason, len(self._pending))
-        self._stats.failed_writes += 1
         self._stats.state, self._stats.reason = "degraded", reason
 
     def _write_late(self, record: AuditRecord) -> None:  # pragma: no cover - see record()
