@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -19,9 +20,19 @@ bp = Blueprint("admin", __name__)
 
 MAX_LIMIT = 1000
 READ_YOUR_WRITES_SECONDS = 1.0
+# Longest key, model or provider filter. Longer ones are rejected, not clipped: a clipped
+# filter would quietly match other values (and a record's model is clipped to 256 chars).
+MAX_FILTER_CHARS = 256
+# Cursor bounds: timestamps are ms, so 2**53 (the largest safe integer in JavaScript) is
+# far past any real one; request ids are 32 hex digits today.
+MAX_CURSOR_TIMESTAMP = 2**53 - 1
+MAX_CURSOR_ID_CHARS = 64
 _INT_PARAMS = {"since": (0, 2**63 - 1), "until": (0, 2**63 - 1), "status": (100, 599)}
 _TEXT_PARAMS = ("key", "model", "provider")
 _KNOWN = {*_INT_PARAMS, *_TEXT_PARAMS, "limit", "before"}
+# Unpadded base64url; the longest valid cursor (64 quotes as the id) is 200 characters.
+_CURSOR = re.compile(r"[A-Za-z0-9_-]{1,200}")
+_BAD_CURSOR = "'before' must be a cursor from a previous x-next-cursor header"
 
 
 def encode_cursor(cursor: Cursor) -> str:
@@ -29,35 +40,60 @@ def encode_cursor(cursor: Cursor) -> str:
 
 
 def decode_cursor(text: str) -> Cursor:
+    """The cursor `encode_cursor` made: unpadded base64url of `[timestamp, request_id]`."""
+    if _CURSOR.fullmatch(text) is None:
+        raise InvalidRequest(_BAD_CURSOR, param="before")
     try:
-        ts, rid = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    except (binascii.Error, ValueError, TypeError):
-        raise InvalidRequest(
-            "'before' must be a cursor from a previous x-next-cursor header", param="before"
-        ) from None
-    if type(ts) is not int or not isinstance(rid, str):
-        raise InvalidRequest(
-            "'before' must be a cursor from a previous x-next-cursor header", param="before"
-        )
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+        value = orjson.loads(raw)
+    except (binascii.Error, ValueError):  # orjson.JSONDecodeError is a ValueError
+        raise InvalidRequest(_BAD_CURSOR, param="before") from None
+    if not (type(value) is list and len(value) == 2):
+        raise InvalidRequest(_BAD_CURSOR, param="before")
+    ts, rid = value
+    if not (
+        type(ts) is int
+        and 0 <= ts <= MAX_CURSOR_TIMESTAMP
+        and type(rid) is str
+        and 0 < len(rid) <= MAX_CURSOR_ID_CHARS
+        and rid.isascii()
+        and rid.isprintable()
+    ):
+        raise InvalidRequest(_BAD_CURSOR, param="before")
     return ts, rid
 
 
 def _integer(name: str, text: str, low: int, high: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise InvalidRequest(f"'{name}' must be an integer", param=name) from None
+    """ASCII digits only: int() would also take "+5", " 5", "1_000" and other scripts' digits."""
+    # 19 digits hold any bound here, and int() is never handed thousands of digits.
+    if not (0 < len(text) <= 19 and text.isascii() and text.isdigit()):
+        raise InvalidRequest(f"'{name}' must be a non-negative integer", param=name)
+    value = int(text)
     if not low <= value <= high:
         raise InvalidRequest(f"'{name}' must be between {low} and {high}", param=name)
     return value
 
 
-def parse_query(args: Mapping[str, str]) -> dict[str, Any]:
-    """Validate the query string; a bad or unknown parameter is a 400 that names it."""
-    for name in args:
+def parse_query(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Validate the query string's (name, value) pairs, in order and repeats included.
+
+    An unknown, repeated or bad parameter is a 400 that names it.
+    """
+    args: dict[str, str] = {}
+    for name, value in pairs:
         if name not in _KNOWN:
             raise InvalidRequest(f"unknown query parameter '{name}'", param=name)
-    filters: dict[str, Any] = {name: args[name] for name in _TEXT_PARAMS if name in args}
+        if name in args:
+            raise InvalidRequest(f"query parameter '{name}' is given more than once", param=name)
+        args[name] = value
+    filters: dict[str, Any] = {}
+    for name in _TEXT_PARAMS:
+        if name in args:
+            if len(args[name]) > MAX_FILTER_CHARS:
+                raise InvalidRequest(
+                    f"'{name}' must be at most {MAX_FILTER_CHARS} characters", param=name
+                )
+            filters[name] = args[name]
     if "status" in args:
         filters["status"] = _integer("status", args["status"], *_INT_PARAMS["status"])
     query: dict[str, Any] = {"filters": filters}
@@ -77,13 +113,19 @@ async def logs() -> Response:
     check_admin(
         svc.config.admin_token, request.headers.get("authorization"), request.scope.get("client")
     )
-    query = parse_query(request.args)
+    query = parse_query(request.args.items(multi=True))
     reader = svc.reader
     if reader is None:
         raise Unavailable("the audit log is disabled in this configuration", code="audit_disabled")
     # Read your writes: what this process accepted is written and indexed before the query.
     await svc.audit.wait_written(timeout=READ_YOUR_WRITES_SECONDS)
-    reader.catch_up()
+    try:
+        reader.catch_up()
+    except OSError as exc:  # the follower retries it and /health says so meanwhile
+        raise Unavailable(
+            f"the audit index cannot read the log: {exc.strerror or type(exc).__name__}",
+            code="audit_index_unavailable",
+        ) from None
     page = reader.index.query(**query)
     body = b"[" + b",".join(reader.read_lines(page.locations)) + b"]"
     response = Response(body, 200, content_type="application/json")

@@ -19,8 +19,8 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import admin, api, proxy
-from .asgi import RequestScope
 from .config import Config, ConfigError, load_config
+from .dispatch import RequestDispatch
 from .errors import GatewayError, error_body
 from .services import Services, open_services
 from .upstream import Transport
@@ -31,6 +31,8 @@ log = logging.getLogger("crabtrio")
 SHUTDOWN_DRAIN_SECONDS = 10
 # Exit code of a worker that could not start (bad config, unwritable audit file).
 EXIT_STARTUP_FAILED = 3
+# Exit code of a worker whose owned task (the audit writer or reader) died while serving.
+EXIT_TASK_DIED = 1
 # Set by `python -m crabtrio`: a file where each worker notes that it started, stopped
 # cleanly, or failed, so the master can exit with a code that says what happened.
 WORKER_REPORT_ENV = "CRABTRIO_WORKER_REPORT"
@@ -63,9 +65,14 @@ def create_app(
     """Build the app. The config is loaded when serving starts unless one is given.
 
     With `exit_on_startup_error` (the module-level app that hypercorn serves), a startup
-    failure prints one line and ends the worker process with exit code 3, no traceback.
+    failure prints one line and ends the worker process with exit code 3, no traceback; and
+    a services task that dies while serving ends the worker with exit code 1, so
+    `python -m crabtrio` exits non-zero and a supervisor restarts it. Without it (an app in
+    a test), the app stays up refusing work, with /health saying why.
     """
     app = QuartTrio("crabtrio")
+    # `//v1/models` must be a 404, not a redirect built from the client's Host header.
+    app.url_map.merge_slashes = False
     app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = SHUTDOWN_DRAIN_SECONDS
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
@@ -75,14 +82,17 @@ def create_app(
     async def host(
         config: Config, *, task_status: trio.TaskStatus[Services] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        started = False
+        opened: Services | None = None
         try:
-            async with open_services(config, transport=transport) as services:
-                started = True
-                task_status.started(services)
+            async with open_services(config, transport=transport) as opened:
+                task_status.started(opened)
                 await stop.wait()
-        except OSError as exc:
-            if started:
+        except Exception as exc:
+            if opened is not None:  # a task the services own died: never serve half-alive
+                opened.audit.fail(f"a services task died: {type(exc).__name__}")
+                _task_died(exc, exit_process=exit_on_startup_error)
+                return
+            if not isinstance(exc, OSError):
                 raise
             path = os.path.abspath(config.audit.path)
             raise StartupError(f"cannot open audit file {path}: {exc.strerror or exc}") from None
@@ -114,11 +124,27 @@ def create_app(
     def services() -> Services:
         return app.extensions["crabtrio"]  # type: ignore[no-any-return]
 
+    def cors_origins() -> tuple[str, ...]:
+        svc = app.extensions.get("crabtrio")
+        return svc.config.cors_origins if svc is not None else ()
+
     handlers = {
         path: partial(_serve_proxied, services, endpoint) for path, endpoint in proxy.PATHS.items()
     }
-    app.asgi_app = RequestScope(app.asgi_app, handlers)  # type: ignore[method-assign, assignment, arg-type]
+    app.asgi_app = RequestDispatch(app.asgi_app, handlers, cors_origins)  # type: ignore[method-assign, assignment, arg-type]
     return app
+
+
+def _task_died(exc: Exception, *, exit_process: bool) -> None:
+    """The services closed because one of their tasks died. The audit writer already refuses
+    work (its state is "failed"); in a served worker, end the process so it is restarted."""
+    reason = f"{type(exc).__name__}: {exc}"[:200]
+    log.critical("crabtrio: a services task died while serving (%s)", reason, exc_info=exc)
+    if exit_process:
+        for handler in log.handlers:
+            handler.flush()
+        report_to_master("died", reason)
+        os._exit(EXIT_TASK_DIED)
 
 
 async def _serve_proxied(

@@ -96,6 +96,8 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     admin_token: str | None = None
     max_body_mb: float = 16.0
+    # Browser origins allowed to call the proxied routes and /v1/models ("*": any).
+    cors_origins: tuple[str, ...] = ()
     source: str = EMBEDDED_SOURCE
     warnings: tuple[str, ...] = ()
 
@@ -139,6 +141,8 @@ def parse_config(text: str, source: str = EMBEDDED_SOURCE) -> Config:
     return _Parser(source).config(raw)
 
 
+# scheme://host[:port], as browsers send it in the Origin header (no path, no trailing slash).
+_ORIGIN_PATTERN = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+")
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -212,7 +216,10 @@ class _Parser:
         self.known(
             "",
             raw,
-            ("admin_token", "providers", "keys", "aliases", "pricing", "audit", "max_body_mb"),
+            (
+                *("admin_token", "providers", "keys", "aliases", "pricing", "audit"),
+                *("max_body_mb", "cors_origins"),
+            ),
         )
         providers = self.providers(raw.get("providers"))
         served = {model for provider in providers.values() for model in provider.models}
@@ -228,6 +235,7 @@ class _Parser:
         max_body_mb = self.number(
             "max_body_mb", raw.get("max_body_mb", 16.0), minimum=0, strict=True
         )
+        cors_origins = self.origins("cors_origins", raw.get("cors_origins", []))
         return Config(
             providers=providers,
             keys=keys,
@@ -236,9 +244,22 @@ class _Parser:
             audit=self.audit(raw.get("audit", {})),
             admin_token=admin_token,
             max_body_mb=max_body_mb,
+            cors_origins=cors_origins,
             source=self.source,
             warnings=tuple(self.warnings),
         )
+
+    def origins(self, where: str, value: Any) -> tuple[str, ...]:
+        if value == []:
+            return ()
+        origins = self.strings(where, value)
+        for i, origin in enumerate(origins):
+            if origin != "*" and not _ORIGIN_PATTERN.fullmatch(origin):
+                raise self.fail(
+                    f"{where}[{i}]",
+                    f"expected an origin like https://app.example.com or *, got {origin!r}",
+                )
+        return origins
 
     def providers(self, raw: Any) -> dict[str, ProviderConfig]:
         if raw is None:

@@ -18,9 +18,10 @@ from typing import Any
 import orjson
 import trio
 
-from .asgi import PENDING, REQUEST_ID, STARTED
 from .audit import PendingRecord
+from .audit.record import clip
 from .config import ProviderConfig
+from .dispatch import REQUEST_ID, STARTED
 from .errors import (
     Forbidden,
     GatewayError,
@@ -59,7 +60,8 @@ class _ClientGone(Exception):
 
 
 async def serve(svc: Services, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
-    """Answer one request to a proxied route; its record is made whatever happens."""
+    """Answer one request to a proxied route. Its record is made here, whatever happens:
+    by the step that answers, or at the end for a request cut off before it could answer."""
     if scope["method"] != "POST":
         body = error_body(405, "use POST", "invalid_request_error", "method_not_allowed")
         await _send_json(send, 405, body, [(b"allow", b"POST")])
@@ -67,45 +69,95 @@ async def serve(svc: Services, endpoint: str, scope: Scope, receive: Receive, se
     pending = PendingRecord(
         svc.audit, svc.config.pricing, scope[REQUEST_ID], endpoint, scope[STARTED]
     )
-    scope[PENDING] = pending
+    client = _Client(receive)
     try:
-        request = await _accept(svc, endpoint, scope, receive, pending)
-    except GatewayError as exc:
-        await _send_error(svc, send, pending, exc)
-        return
-    except _ClientGone:
-        return  # recorded as 499 by the ASGI layer
-    # From here on a client that leaves cancels the work (and is recorded as 499).
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
         try:
-            await _forward(svc, endpoint, scope, send, pending, request)
-        except Exception:
-            log.exception("crabtrio: unexpected error on %s", scope["path"])
-            await _send_error(svc, send, pending, GatewayError("internal error; see the log"))
-        nursery.cancel_scope.cancel()
+            request = await _accept(svc, endpoint, scope, client, pending)
+        except GatewayError as exc:
+            await _send_error(svc, send, pending, exc)
+            return
+        except _ClientGone:
+            return
+        # From here on a client that leaves cancels the work (and is recorded as 499).
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.watch, nursery.cancel_scope)
+            try:
+                await _forward(svc, endpoint, send, pending, request)
+            except Exception:
+                log.exception("crabtrio: unexpected error on %s", scope["path"])
+                await _send_error(svc, send, pending, GatewayError("internal error; see the log"))
+            nursery.cancel_scope.cancel()
+    finally:
+        if not pending.done:
+            status, reason = (
+                (499, "client disconnected") if client.gone else (503, "cut by the server")
+            )
+            pending.finish(status, f"{reason} before the response was complete")
+
+
+class _Client:
+    """The request's side of `receive`: its body, and whether it went away."""
+
+    __slots__ = ("gone", "receive")
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.gone = False
+
+    async def watch(self, scope: trio.CancelScope) -> None:
+        """Cancel `scope` (the request's own work) when the client disconnects."""
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        scope.cancel()
+
+    async def read_body(self, limit: int) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        try:
+            with trio.fail_after(BODY_TIMEOUT_SECONDS):
+                while True:
+                    message = await self.receive()
+                    if message["type"] == "http.disconnect":
+                        self.gone = True
+                        raise _ClientGone
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+                    parts.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(parts)
+        except trio.TooSlowError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {BODY_TIMEOUT_SECONDS:g}s"
+            ) from None
 
 
 class _Request:
-    __slots__ = ("body", "payload", "plan")
+    __slots__ = ("body", "plan")
 
-    def __init__(
-        self, body: dict[str, Any], payload: bytes | None, plan: list[ProviderConfig]
-    ) -> None:
-        self.body, self.payload, self.plan = body, payload, plan
+    def __init__(self, body: dict[str, Any], plan: list[ProviderConfig]) -> None:
+        self.body, self.plan = body, plan
 
 
 async def _accept(
-    svc: Services, endpoint: str, scope: Scope, receive: Receive, pending: PendingRecord
+    svc: Services, endpoint: str, scope: Scope, client: _Client, pending: PendingRecord
 ) -> _Request:
     """Admit, authenticate, read and validate the request, and resolve its route."""
     if not svc.audit.admit():
-        pending.done = True  # refused for lack of room in the audit queue: counted instead
-        raise Unavailable("the audit log is not keeping up; retry shortly", code="audit_backlog")
+        pending.done = True  # refused because nothing could be recorded: counted instead
+        raise Unavailable(
+            "the audit log cannot record requests right now; retry shortly", code="audit_backlog"
+        )
     key = svc.keys.authenticate(_header(scope, b"authorization"))
     if key is not None:
         pending.key_name = key.name
-    raw = await _read_body(scope, receive, svc.config.max_body_bytes)
+    limit = svc.config.max_body_bytes
+    declared = _header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    raw = await client.read_body(limit)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -121,33 +173,28 @@ async def _accept(
     model = svc.router.resolve(requested)
     if model is None:
         raise NotFound(
-            f"model {requested!r} is not served here; GET /v1/models lists the models",
+            f"model {clip(requested)!r} is not served here; GET /v1/models lists the models",
             code="model_not_found",
             param="model",
         )
     pending.model = model
     if key is not None and not key.allows(model, requested):
-        raise Forbidden(f"key {key.name!r} may not use model {requested!r}", param="model")
-    payload: bytes | None = raw
-    if model != requested:
-        body["model"] = model
-        payload = None
+        raise Forbidden(f"key {key.name!r} may not use model {clip(requested)!r}", param="model")
+    body["model"] = model
     if endpoint == "chat":
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise InvalidRequest("'stream' must be true or false", param="stream")
         pending.stream = stream
-    return _Request(body, payload, svc.router.plan(model))
+    return _Request(body, svc.router.plan(model))
 
 
 async def _forward(
-    svc: Services,
-    endpoint: str,
-    scope: Scope,
-    send: Send,
-    pending: PendingRecord,
-    request: _Request,
+    svc: Services, endpoint: str, send: Send, pending: PendingRecord, request: _Request
 ) -> None:
+    """Call the upstream and answer. The body goes upstream as parsed and re-encoded, never as
+    the client's bytes: with duplicate keys (`{"model":"a","model":"b"}`) orjson keeps the
+    last, other parsers the first, and the upstream must serve exactly what was authorized."""
     try:
         if pending.stream:
             await _stream(svc, send, pending, request)
@@ -157,7 +204,7 @@ async def _forward(
             request.plan,
             endpoint,
             request.body,
-            request.payload or orjson.dumps(request.body),
+            orjson.dumps(request.body),
             pending.set_provider,
         )
         pending.set_usage(_usage_of(content))
@@ -195,7 +242,12 @@ async def _stream(svc: Services, send: Send, pending: PendingRecord, request: _R
 
 
 async def _recorded(svc: Services, sequence: int) -> None:
-    """In `sync = "always"` mode, hold the response until its record is fsynced."""
+    """Refuse to answer once the audit log has failed (its writer died); in `sync = "always"`
+    mode, hold the response until its record is fsynced."""
+    if svc.audit.failed:
+        raise Unavailable(
+            "the audit log failed and cannot record this request", code="audit_failed"
+        )
     if svc.config.audit.sync == "always" and sequence:
         await svc.audit.wait_durable(sequence)
 
@@ -214,37 +266,6 @@ async def _send_json(
     headers = [*_JSON, (b"content-length", b"%d" % len(body)), *(extra or ())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    declared = _header(scope, b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-    parts: list[bytes] = []
-    size = 0
-    try:
-        with trio.fail_after(BODY_TIMEOUT_SECONDS):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise _ClientGone
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-                parts.append(chunk)
-                if not message.get("more_body", False):
-                    return b"".join(parts)
-    except trio.TooSlowError:
-        raise RequestTimeout(
-            f"the request body did not arrive within {BODY_TIMEOUT_SECONDS:g}s"
-        ) from None
-
-
-async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

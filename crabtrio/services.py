@@ -28,6 +28,8 @@ class Services:
         stats = self.audit.statistics()
         if self.reader is not None:
             stats.corrupt_lines_skipped = self.reader.corrupt_lines
+            if self.reader.failure is not None:
+                stats.index_state, stats.index_reason = "degraded", self.reader.failure
         return stats
 
 

@@ -57,7 +57,7 @@ async def relay(
 
     Records the stream at [DONE] (200) or on an upstream failure mid-stream (502, or 504
     when it stalled). A stream cut off by the client (499) or the server (503) is recorded
-    by the ASGI layer, which sees every request end; the caller closes `opened`.
+    by the route that owns the record (`proxy.serve`); the caller closes `opened`.
     """
     usage = _UsageFilter(pending, wants_usage)
     try:

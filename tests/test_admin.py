@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+from urllib.parse import quote
+
 import orjson
 import pytest
+
+from crabtrio.admin import decode_cursor, encode_cursor, parse_query
 
 from .harness import BASE, TEAM_A, gateway
 
@@ -15,6 +20,11 @@ NO_TOKEN = BASE.replace('admin_token = "admin-secret"\n', "")
 async def logs(gw, query: str = "", headers=ADMIN, client=None):
     scope_base = {"client": client} if client else None
     return await gw.client.get(f"/v1/admin/logs{query}", headers=headers, scope_base=scope_base)
+
+
+def cursor_of(value) -> str:
+    """`value` encoded as `encode_cursor` would, whatever it is."""
+    return base64.urlsafe_b64encode(orjson.dumps(value)).decode().rstrip("=")
 
 
 async def fill(gw, n: int) -> list[str]:
@@ -63,6 +73,28 @@ async def test_without_a_token_only_loopback_clients_are_answered(tmp_path) -> N
         ("?status=2000", "status"),
         ("?before=not-a-cursor", "before"),
         ("?modle=gpt-4o", "modle"),
+        ("?limit=1_000", "limit"),
+        ("?limit=%2B5", "limit"),
+        ("?limit=%205", "limit"),
+        ("?limit=5%20", "limit"),
+        ("?limit=", "limit"),
+        ("?limit=" + quote("\u0663"), "limit"),  # ARABIC-INDIC DIGIT THREE
+        ("?since=-0", "since"),
+        ("?since=" + "9" * 40, "since"),
+        ("?limit=1&limit=5000", "limit"),
+        ("?key=team-a&limit=5&key=team-b", "key"),
+        ("?before=" + cursor_of([-1, "r"]), "before"),
+        ("?before=" + cursor_of([2**53, "r"]), "before"),
+        ("?before=" + cursor_of([1, "r" * 65]), "before"),
+        ("?before=" + cursor_of([1, "r\n"]), "before"),
+        ("?before=" + cursor_of([1, "caf\u00e9"]), "before"),
+        ("?before=" + cursor_of([1, ""]), "before"),
+        ("?before=" + cursor_of([1, "r", 2]), "before"),
+        ("?before=" + cursor_of([True, "r"]), "before"),
+        ("?before=" + cursor_of([1, "r"])[:4] + "!!!!" + cursor_of([1, "r"])[4:], "before"),
+        ("?before=" + cursor_of([1, "r"]) + "=", "before"),
+        ("?model=" + "m" * 257, "model"),
+        ("?provider=" + "p" * 257, "provider"),
     ],
 )
 async def test_bad_parameters_are_400_naming_them(tmp_path, query, param) -> None:
@@ -71,6 +103,30 @@ async def test_bad_parameters_are_400_naming_them(tmp_path, query, param) -> Non
         error = orjson.loads(await response.get_data())["error"]
         assert response.status_code == 400
         assert error["param"] == param and param in error["message"]
+
+
+def test_good_parameters_parse_once_each() -> None:
+    cursor = encode_cursor((2**53 - 1, "~" * 64))
+    pairs = [
+        ("key", "k" * 256),
+        ("status", "404"),
+        ("since", "0"),
+        ("until", str(2**63 - 1)),
+        ("limit", "007"),
+        ("before", cursor),
+    ]
+    assert parse_query(pairs) == {
+        "filters": {"key": "k" * 256, "status": 404},
+        "since": 0,
+        "until": 2**63 - 1,
+        "limit": 7,
+        "before": (2**53 - 1, "~" * 64),
+    }
+    assert parse_query([]) == {"filters": {}, "limit": 100}
+    assert decode_cursor(encode_cursor((1_700_000_000_000, "0f" * 16))) == (
+        1_700_000_000_000,
+        "0f" * 16,
+    )
 
 
 async def test_filters_and_pages_newest_first(tmp_path) -> None:

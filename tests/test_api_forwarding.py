@@ -67,20 +67,43 @@ async def test_chat_is_forwarded_with_the_upstream_key_and_recorded(tmp_path) ->
     }
 
 
-async def test_body_without_alias_is_forwarded_byte_for_byte(tmp_path) -> None:
+async def test_upstream_receives_exactly_the_authorized_body(tmp_path) -> None:
+    """Duplicate keys: orjson keeps the last, an upstream parser may keep the first. The
+    body goes upstream re-encoded from what was checked, so no reading can differ."""
     seen: list[bytes] = []
 
     async def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request.content)
         return httpx.Response(200, json=chat_answer(usage=False))
 
-    raw = b'{ "model" : "gpt-4o",\n "messages": [], "temperature": 0.70 }'
+    # The second key is "model" too, escaped: a first-wins upstream would serve mock-chat.
+    raw = b'{"model": "mock-chat", "messages": [], "mod\\u0065l": "gpt-4o", "temperature": 0.70}'
     async with gateway(tmp_path, handler) as gw:
         response = await gw.post("/v1/chat/completions", headers=TEAM_A, raw=raw)
         assert response.status_code == 200
-    assert seen == [raw]
+    assert len(seen) == 1
+    assert orjson.loads(seen[0]) == {"model": "gpt-4o", "messages": [], "temperature": 0.7}
+    assert seen[0].count(b'"model"') == 1 and b"\\u" not in seen[0]
     (record,) = gw.records()
     assert "prompt_tokens" not in record and record["cost_micros"] == 0
+
+
+async def test_duplicate_keys_cannot_smuggle_a_model_past_the_key_acl(tmp_path) -> None:
+    seen: list[bytes] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.content)
+        return httpx.Response(200, json=chat_answer())
+
+    raw = b'{"model":"gpt-4o","stream":true,"model":"mock-chat","stream":false,"messages":[]}'
+    async with gateway(tmp_path, handler) as gw:
+        headers = {"authorization": "Bearer sk-team-b"}
+        response = await gw.post("/v1/chat/completions", headers=headers, raw=raw)
+        assert response.status_code == 200  # authorized and served as mock-chat, not streamed
+        assert orjson.loads(await response.get_data())["object"] == "chat.completion"
+    assert seen == []  # mock-chat is the built-in mock: nothing reached the gpt-4o upstream
+    (record,) = gw.records()
+    assert (record["model"], record["stream"]) == ("mock-chat", False)
 
 
 async def test_upstream_4xx_is_relayed_without_retry_and_secrets_scrubbed(tmp_path) -> None:

@@ -10,6 +10,12 @@ from ..config import Pricing
 from .record import AuditRecord, clip, cost_micros
 from .writer import AuditLogger
 
+# Largest token count taken from an upstream's `usage`, per request and field: the largest
+# context windows are ~10**7 tokens, so 10**9 leaves 100x headroom while any cost computed
+# from it stays far inside 64 bits (10**9 tokens x $10**6 per million = 10**15 micro-USD).
+MAX_TOKENS = 10**9
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens")
+
 
 class PendingRecord:
     """Filled in as a request proceeds; `finish()` records it once, later calls do nothing.
@@ -20,6 +26,7 @@ class PendingRecord:
     __slots__ = (
         "_logger",
         "_pricing",
+        "_usage_problems",
         "completion_tokens",
         "done",
         "endpoint",
@@ -51,22 +58,57 @@ class PendingRecord:
         self.stream = False
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        # Why a token count from upstream was not taken, by field; noted in the record.
+        self._usage_problems: dict[str, str] = {}
         self.done = False
 
     def set_provider(self, name: str) -> None:
         self.provider = name
 
     def set_usage(self, usage: Any) -> None:
-        """Take token counts from an OpenAI `usage` object, ignoring anything malformed."""
-        if not isinstance(usage, dict):
+        """Take token counts from an OpenAI `usage` object (a later one replaces an earlier one).
+
+        A count that is not an int in 0..MAX_TOKENS is unknown (None), and the record's
+        `error` says which one was invalid; an absent or null count changes nothing.
+        """
+        if usage is None:
             return
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if type(prompt) is int and prompt >= 0:
-            self.prompt_tokens = prompt
-        if type(completion) is int and completion >= 0:
-            self.completion_tokens = completion
-        elif self.endpoint == "embeddings" and self.prompt_tokens is not None:
+        if not isinstance(usage, dict):
+            self._usage_problems["usage"] = "not an object"
+            return
+        self._usage_problems.pop("usage", None)
+        for name in _USAGE_FIELDS:
+            value = usage.get(name)
+            if value is None:
+                continue
+            if type(value) is not int:
+                count, problem = None, "not an integer"
+            elif not 0 <= value <= MAX_TOKENS:
+                count, problem = None, "out of range"
+            else:
+                count, problem = value, None
+            setattr(self, name, count)
+            if problem is None:
+                self._usage_problems.pop(name, None)
+            else:
+                self._usage_problems[name] = problem
+        if (
+            self.endpoint == "embeddings"
+            and usage.get("completion_tokens") is None
+            and self.prompt_tokens is not None
+        ):
             self.completion_tokens = 0
+
+    def _error(self, error: str | None) -> str | None:
+        """The record's `error`: the request's own error first, then invalid usage, if any."""
+        if error is not None:
+            error = clip(error)
+        if not self._usage_problems:
+            return error
+        note = "upstream usage invalid: " + ", ".join(
+            f"{name} {problem}" for name, problem in self._usage_problems.items()
+        )
+        return note if error is None else f"{error}; {note}"
 
     def finish(self, status: int, error: str | None = None) -> int:
         """Record the request's outcome; return the record's sequence number (0 if done)."""
@@ -98,6 +140,6 @@ class PendingRecord:
                 endpoint=self.endpoint,
                 prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens,
-                error=None if error is None else clip(error),
+                error=self._error(error),
             )
         )

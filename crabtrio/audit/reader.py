@@ -64,6 +64,7 @@ class AuditReader:
         self._next_number = 0
         self._strings: dict[object, object] = {}
         self._nudged = trio.Event()
+        self.failure: str | None = None  # why the last catch-up failed; None when it did not
         # Entries read but not yet in the index: added in one go, one sort per list.
         self._unindexed: list[Entry] = []
 
@@ -99,11 +100,23 @@ class AuditReader:
         self._nudged.set()
 
     async def _follow(self) -> None:
+        """Catch up at each nudge or poll. An OSError (a vanished directory, EIO, EMFILE)
+        degrades the index and is retried at the next poll; the reason shows on /health."""
         while True:
             with trio.move_on_after(POLL_SECONDS):
                 await self._nudged.wait()
             self._nudged = trio.Event()
-            self.catch_up()
+            try:
+                self.catch_up()
+            except OSError as exc:
+                reason = f"cannot read {self.path}: {exc.strerror or exc}"
+                if reason != self.failure:
+                    log.error("audit: the index %s; retrying", reason)
+                self.failure = reason
+                continue
+            if self.failure is not None:
+                log.warning("audit: the index reads %s again", self.path)
+                self.failure = None
 
     def catch_up(self) -> None:
         """Index what was appended since the last call; switch files after a rotation."""

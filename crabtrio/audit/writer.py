@@ -14,7 +14,7 @@ import trio
 
 from ..config import AuditConfig
 from ..errors import Unavailable
-from .record import AuditRecord
+from .record import AuditRecord, encode_batch
 from .store import AuditFile
 
 log = logging.getLogger("crabtrio.audit")
@@ -37,7 +37,7 @@ MIB = 1024 * 1024
 
 @dataclass(slots=True)
 class AuditStatistics:
-    state: str = "ok"  # ok | degraded
+    state: str = "ok"  # ok | degraded (cannot write: retrying) | failed (the writer died)
     reason: str | None = None
     sync: str = "interval"
     written: int = 0
@@ -47,6 +47,12 @@ class AuditStatistics:
     failed_syncs: int = 0
     refused: int = 0
     corrupt_lines_skipped: int = 0
+    index_state: str = "ok"  # ok | degraded (the index cannot read the file: retrying)
+    index_reason: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "ok" and self.index_state == "ok"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,6 +115,11 @@ class AuditLogger:
     def enabled(self) -> bool:
         return self._file is not None
 
+    @property
+    def failed(self) -> bool:
+        """The writer died (or its owner closed it for a dead sibling): nothing is recorded."""
+        return self._stats.state == "failed"
+
     def record(self, record: AuditRecord) -> int:
         """Queue one record and return its sequence number. Never blocks: safe in `finally`."""
         if self._file is None:
@@ -122,11 +133,10 @@ class AuditLogger:
         return self._accepted
 
     def admit(self) -> bool:
-        """Whether a new request may start. No while `queue_max` records wait for the disk,
-        and in "always" mode while the log cannot be written (nothing could be acknowledged)."""
-        blocked = len(self._pending) >= self.config.queue_max or (
-            self.config.sync == "always" and self._stats.state != "ok"
-        )
+        """Whether a new request may start: no while the log cannot be written (a request
+        answered then would wait unrecorded, or be lost with the process), nor while
+        `queue_max` records wait for the disk."""
+        blocked = len(self._pending) >= self.config.queue_max or self._stats.state != "ok"
         if blocked:
             self._stats.refused += 1
         return not blocked
@@ -160,6 +170,10 @@ class AuditLogger:
         return AuditStatistics(**asdict(stats))
 
     async def _run(self) -> None:
+        """The writer task. An OSError degrades it and is retried; anything else is a bug
+        that kills it: it says so first (state "failed": requests are refused, and answers
+        not yet sent are withheld), writes what it can, and re-raises for its owner to end
+        the worker."""
         try:
             while self._pending or not self._closed:
                 if not self._pending:
@@ -171,16 +185,27 @@ class AuditLogger:
                     self._flush_now = trio.Event()
                 if not await self._write_pending():
                     await trio.sleep(RETRY_SECONDS)
+        except Exception as exc:
+            self.fail(f"the audit writer died: {type(exc).__name__}")
+            log.critical("audit: the writer task died", exc_info=True)
+            raise
         finally:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + FLUSH_GRACE_SECONDS
-                await self._write_pending(final=True)
+                # Records may arrive during a write (its thread hop): loop until none wait.
+                while await self._write_pending(final=True) and self._pending:
+                    pass
             self._finished = True
             self._progress.set()
             if self._pending:
                 log.error(
                     "audit: %d record(s) could not be written at shutdown", len(self._pending)
                 )
+
+    def fail(self, reason: str) -> None:
+        """Refuse all work from now on, saying why on /health (a task of the log died)."""
+        if self._stats.state != "failed":
+            self._stats.state, self._stats.reason = "failed", reason
 
     async def _idle(self) -> None:
         """Sleep until a record arrives, an interval fsync falls due, or it is time to check."""
@@ -242,7 +267,7 @@ class AuditLogger:
             self._progress = trio.Event()
         if outcome.reopened:
             log.warning("audit: %s was deleted or renamed; recreated it", self._file.path)
-        if self._stats.state != "ok" and outcome.sync_error is None:
+        if self._stats.state == "degraded" and outcome.sync_error is None:
             log.warning("audit: writing to %s again", self._file.path)
             self._stats.state, self._stats.reason = "ok", None
         if batch:
@@ -252,7 +277,7 @@ class AuditLogger:
     def _write_sync(self, batch: list[AuditRecord], fsync: bool) -> _Outcome:
         """Runs in a worker thread: encode, append under the lock, maybe fsync, rotate, prune."""
         assert self._file is not None
-        data = b"".join([record.to_line() for record in batch])
+        data = encode_batch(batch)
         result = self._file.append(data, rotate_at=self._rotate_at)
         outcome = _Outcome(reopened=result.reopened)
         if result.rotated_to is not None:

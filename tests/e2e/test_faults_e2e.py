@@ -24,10 +24,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 ADMIN = {"authorization": "Bearer adm-e2e-token"}
 
 
-def chat(url: str) -> str:
-    response = httpx.post(
+def send_chat(url: str) -> httpx.Response:
+    return httpx.post(
         f"{url}/v1/chat/completions", json={"model": "gpt-e2e", "messages": []}, headers=KEY
     )
+
+
+def chat(url: str) -> str:
+    response = send_chat(url)
     assert response.status_code == 200
     return response.headers["x-request-id"]
 
@@ -65,13 +69,25 @@ def test_disk_full_degrades_and_recovers_without_a_restart(
         gateway = start_gateway(gateway_config(upstream.url, audit))
         before = [chat(gateway.url) for _ in range(5)]
         filler = fill(disk)
-        during = [chat(gateway.url) for _ in range(20)]  # policy: keep serving, hold records
-        wait_until(
-            lambda: httpx.get(f"{gateway.url}/health").json()["audit"]["state"] == "degraded",
-            2,
-            "degraded health",
-        )
-        audit_state = httpx.get(f"{gateway.url}/health").json()["audit"]
+        # Policy: what was answered before the writer found the disk full is held in memory
+        # and written later; from the first failed write on, new requests are refused.
+        during: list[str] = []
+        refused: list[httpx.Response] = []
+
+        def answer_until_refused() -> bool:
+            response = send_chat(gateway.url)
+            if response.status_code == 200:
+                during.append(response.headers["x-request-id"])
+                return False
+            refused.append(response)
+            return True
+
+        wait_until(answer_until_refused, 5, "a refused request")
+        assert refused[0].status_code == 503
+        assert refused[0].json()["error"]["code"] == "audit_backlog"
+        health = httpx.get(f"{gateway.url}/health")
+        audit_state = health.json()["audit"]
+        assert health.status_code == 503 and audit_state["state"] == "degraded"
         assert "No space left on device" in audit_state["reason"] and audit_state["pending"] > 0
         filler.unlink()
         freed_at = time.monotonic()
@@ -82,7 +98,8 @@ def test_disk_full_degrades_and_recovers_without_a_restart(
         )
         assert time.monotonic() - freed_at < 1
         after = [chat(gateway.url) for _ in range(5)]
-        wait_until(lambda: len(audit.read_bytes().splitlines()) == 30, 2, "all 30 records")
+        total = len(before) + len(during) + len(after)
+        wait_until(lambda: len(audit.read_bytes().splitlines()) == total, 2, "every record")
         ids = [r["request_id"] for r in parsed(audit.read_bytes().splitlines())]  # no corrupt line
         assert ids == before + during + after
         gateway.signal(signal.SIGTERM)
@@ -253,3 +270,50 @@ def test_many_workers_share_one_file(tmp_path, upstream, start_gateway, workers)
     assert len(rotated) >= 2
     assert all(path.stat().st_size >= max_bytes for path in rotated), "a file was rotated twice"
     assert len({json.loads(line)["request_id"] for line in audit_lines(tmp_path)}) == len(records)
+
+
+# Loaded by every Python process started with this directory on PYTHONPATH (the launcher and
+# its spawned workers): the first append after the trigger file appears raises a bug.
+BREAK_WRITER = """
+import os
+trigger = os.environ.get("CRABTRIO_TEST_BREAK_WRITER")
+if trigger:
+    from crabtrio.audit import store
+    real_append = store.AuditFile.append
+    def append(self, data, **options):
+        if os.path.exists(trigger):
+            os.unlink(trigger)
+            raise RuntimeError("injected writer bug")
+        return real_append(self, data, **options)
+    store.AuditFile.append = append
+"""
+
+
+def test_a_dead_writer_ends_the_worker_and_the_launcher_says_so(tmp_path, upstream) -> None:
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(BREAK_WRITER)
+    trigger = tmp_path / "break-now"
+    audit = tmp_path / "audit.jsonl"
+    config = tmp_path / "gw.toml"
+    config.write_text(gateway_config(upstream.url, audit))
+    env = {
+        **os.environ,
+        "CRABTRIO_CONFIG": str(config),
+        "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")]),
+        "CRABTRIO_TEST_BREAK_WRITER": str(trigger),
+    }
+    launcher = Process([PYTHON, "-m", "crabtrio", "--bind", "127.0.0.1:0"], cwd=tmp_path, env=env)
+    try:
+        url = launcher.wait_for_line(r"Running on (http://[\d.:]+)").group(1)
+        with Load(url) as load:
+            wait_until(lambda: load.count() >= 50, 20, "50 acknowledged requests")
+            trigger.write_text("")
+            assert launcher.wait(20) == 1, launcher.output
+        assert "the writer task died" in launcher.output
+        assert "died without a clean shutdown" in launcher.output
+        recorded = {r["request_id"] for r in parsed(audit_lines(tmp_path))}
+        missing = [rid for rid in load.acknowledged if rid not in recorded]
+        assert not missing, f"{len(missing)} answered request(s) have no record"
+    finally:
+        launcher.stop()
