@@ -7,13 +7,14 @@ import errno
 import shutil
 from typing import Any
 
+import httpx
 import orjson
 import trio
 
 from crabtrio.audit import AuditReader
 from crabtrio.audit.store import AuditFile
 
-from .harness import TEAM_A, Gateway, gateway
+from .harness import TEAM_A, Gateway, chat_answer, gateway
 
 CHAT = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -134,3 +135,30 @@ async def test_a_vanished_audit_directory_refuses_work_until_it_returns(tmp_path
             while rid not in {r["request_id"] for r in gw.records()}:
                 await trio.sleep(0.02)
     assert_every_answer_recorded(gw, answered[1:])  # the first went down with the directory
+
+
+async def test_a_huge_upstream_token_count_cannot_stop_the_log(tmp_path) -> None:
+    """2**64 - 1 prompt tokens on a priced model used to overflow the writer's encoder."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        answer = chat_answer()
+        answer["usage"] = {"prompt_tokens": 2**64 - 1, "completion_tokens": 5}
+        return httpx.Response(200, json=answer)
+
+    async with gateway(tmp_path, handler) as gw:
+        first = await gw.post(
+            "/v1/chat/completions", {"model": "gpt-4o", "messages": []}, headers=TEAM_A
+        )
+        second = await gw.post(
+            "/v1/chat/completions", {"model": "gpt-4o", "messages": []}, headers=TEAM_A
+        )
+        assert first.status_code == second.status_code == 200
+        code, body = await health(gw)
+        assert code == 200 and body["audit"]["state"] == "ok"
+        with trio.fail_after(5):
+            while len(gw.records()) < 2:
+                await trio.sleep(0.02)
+    for record in gw.records():
+        assert "prompt_tokens" not in record and record["completion_tokens"] == 5
+        assert record["cost_micros"] == 50  # 5 completion tokens at $10 per million
+        assert "usage invalid" in record["error"]
