@@ -47,7 +47,8 @@ clean:
 	rm -rf $(VENV) .coverage .mypy_cache .ruff_cache .pytest_cache
 
 # Load benchmarks with wrk (not part of `make test`): QUICK=1 for a ~2-minute subset,
-# PEERS=litellm,portkey to run the peer gateways side by side (installed under bench/.peers/).
+# PEERS=litellm,portkey to run the peer gateways side by side (installed under bench/.peers/),
+# BASELINE=<git ref> to run that commit's crabtrio beside the checkout's (crabtrio-baseline).
 BENCH_STAMP := $(VENV)/.bench-stamp
 
 $(BENCH_STAMP): pyproject.toml $(STAMP)
@@ -55,4 +56,4 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(BIN)/python bench/run.py $(if $(filter-out 0,$(QUICK)),--quick) $(if $(PEERS),--peers $(PEERS))
+	$(BIN)/python bench/run.py $(if $(filter-out 0,$(QUICK)),--quick) $(if $(PEERS),--peers $(PEERS)) $(if $(BASELINE),--baseline $(BASELINE))

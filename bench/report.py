@@ -100,7 +100,7 @@ class Check:
 
 
 def check_targets(results: dict[str, Any], summary: dict[str, Any]) -> list[Check]:
-    """The seven targets of issue 3, each with its measured ratio."""
+    """The targets of issues 3 and 8, each with its measured ratio."""
     ran = set(results["targets"])
     checks: list[Check] = []
 
@@ -232,6 +232,28 @@ def check_targets(results: dict[str, Any], summary: dict[str, Any]) -> list[Chec
         "non-streaming req/s: crabtrio-w2 / portkey",
         ("crabtrio-w2", "portkey"),
         lambda: ratio("crabtrio-w2", "portkey", "chat", 1, above=True),
+    )
+
+    def cpu_against_baseline(scenario: str, at_most: float) -> tuple[str, str, bool]:
+        r = same_round_ratio(
+            results, "crabtrio", "crabtrio-baseline", scenario, "cpu_ms_per_request"
+        )
+        if r is None:
+            raise KeyError(f"no {scenario} CPU figure for crabtrio and crabtrio-baseline")
+        return _x(r), f"<= {at_most:g}x", r["median"] <= at_most
+
+    # Issue 8 (upstream calls on httpx): run with `make bench BASELINE=<commit before it>`.
+    add(
+        8,
+        "CPU ms per chat request: crabtrio / crabtrio-baseline",
+        ("crabtrio-baseline",),
+        lambda: cpu_against_baseline("chat", 1.10),
+    )
+    add(
+        8,
+        "CPU ms per stream (20 events): crabtrio / crabtrio-baseline",
+        ("crabtrio-baseline",),
+        lambda: cpu_against_baseline("stream", 1.0),
     )
     return checks
 

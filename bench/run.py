@@ -47,6 +47,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peers", default="", help="comma-separated: litellm,portkey")
     parser.add_argument("--rounds", type=int, default=3, help="repeats of every run")
     parser.add_argument("--targets", default="", help="only these targets (debugging)")
+    parser.add_argument(
+        "--baseline", default="", help="a git ref run beside as `crabtrio-baseline`"
+    )
     parser.add_argument("--mock-procs", type=int, default=1, help="processes of the mock")
     parser.add_argument("--no-audit", action="store_true", help="skip the audit figures")
     args = parser.parse_args()
@@ -197,6 +200,8 @@ def main() -> int:
     d = QUICK if args.quick else FULL
     scenarios = [s for s in SCENARIOS if s.quick or not args.quick]
     names = [*TARGETS, *args.peers]
+    if args.baseline:
+        names.insert(names.index("crabtrio") + 1, "crabtrio-baseline")
     if args.targets:
         names = [n for n in names if n in args.targets.split(",")]
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -208,9 +213,13 @@ def main() -> int:
         bodies[scenario.name] = out / f"body-{scenario.name}.json"
         bodies[scenario.name].write_bytes(scenario.body_bytes())
     command = "make bench" + (" QUICK=1" if args.quick else "")
+    command += f" BASELINE={args.baseline}" if args.baseline else ""
     command += f" PEERS={','.join(args.peers)}" if args.peers else ""
     print(f"crabtrio bench: {', '.join(names)}; {args.rounds} rounds; results in {out}", flush=True)
     code = targets.snapshot_crabtrio(workdir)
+    baseline = (
+        targets.snapshot_baseline(args.baseline, workdir / "baseline") if args.baseline else None
+    )
     unavailable = install_peers(args.peers)
     names = [n for n in names if n not in unavailable]
     results: dict[str, Any] = {
@@ -225,6 +234,7 @@ def main() -> int:
             "connections": {s.name: s.connections for s in SCENARIOS},
             "crabtrio_commit": crabtrio_commit(),
             "crabtrio_snapshot_sha256": code,
+            "baseline_commit": baseline,
             "peer_versions": peers.installed_versions() if args.peers else {},
         },
         "targets": names,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,29 @@ DEFAULT_STARTUP_TIMEOUT_S = 60.0
 READY_PROBE = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "ready?"}]}
 # Where the crabtrio under test is imported from (see snapshot_crabtrio); None: the checkout.
 _crabtrio_path: Path | None = None
+# Where `crabtrio-baseline` (an earlier commit, `--baseline REF`) is imported from.
+_baseline_path: Path | None = None
+
+
+def snapshot_baseline(ref: str, dest: Path) -> str:
+    """Extract the crabtrio package of git `ref` for the `crabtrio-baseline` target; return
+    the commit it resolved to. Its dependencies are the checkout's venv."""
+    global _baseline_path
+    root = BENCH.parent
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", f"{ref}^{{commit}}"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    dest.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", commit, "crabtrio"], cwd=root, check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    _baseline_path = dest
+    return commit
 
 
 def snapshot_crabtrio(dest: Path) -> str:
@@ -207,7 +231,13 @@ def hypercorn_args(port: int, workers: int) -> list[str]:
 
 
 def start_crabtrio(
-    name: str, config: str, workdir: Path, *, workers: int = 1, port: int | None = None
+    name: str,
+    config: str,
+    workdir: Path,
+    *,
+    workers: int = 1,
+    port: int | None = None,
+    code: Path | None = None,
 ) -> Running:
     port = port or free_port()
     config_path = workdir / f"{name}.toml"
@@ -221,7 +251,7 @@ def start_crabtrio(
         headers,
         CRABTRIO_CONFIG=str(config_path),
         # PYTHONPATH comes before the editable install's path entry: the snapshot wins.
-        PYTHONPATH=None if _crabtrio_path is None else str(_crabtrio_path),
+        PYTHONPATH=str(code or _crabtrio_path) if (code or _crabtrio_path) else None,
     )
     return Running(name, port, startup, process, lambda s: headers, lambda s: (port, process.pid))
 
@@ -300,6 +330,9 @@ def start_target(name: str, up: Upstreams, workdir: Path) -> Running:
         return start_direct(up, workdir)
     if name == "crabtrio":
         return start_crabtrio(name, crabtrio_config(up, audit_path), workdir)
+    if name == "crabtrio-baseline":
+        config = crabtrio_config(up, audit_path)
+        return start_crabtrio(name, config, workdir, code=_baseline_path)
     if name == "crabtrio-noaudit":
         return start_crabtrio(name, crabtrio_config(up, audit_path, audit=False), workdir)
     if name == "crabtrio-always":  # group commit: each response waits for its fsync

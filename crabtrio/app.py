@@ -13,6 +13,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import NoReturn
 
+import httpx
 import trio
 from quart import Response
 from quart_trio import QuartTrio
@@ -23,7 +24,6 @@ from .config import Config, ConfigError, load_config
 from .dispatch import RequestDispatch
 from .errors import GatewayError, error_body
 from .services import Services, open_services
-from .upstream import Transport
 
 log = logging.getLogger("crabtrio")
 
@@ -59,7 +59,7 @@ def configure_logging() -> None:
 def create_app(
     config: Config | None = None,
     *,
-    transport: Transport | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
     exit_on_startup_error: bool = False,
 ) -> QuartTrio:
     """Build the app. The config is loaded when serving starts unless one is given.
@@ -129,7 +129,7 @@ def create_app(
         return svc.config.cors_origins if svc is not None else ()
 
     handlers = {
-        path: partial(_serve_proxied, services, endpoint) for path, endpoint in proxy.PATHS.items()
+        path: partial(_serve_proxied, services, endpoint) for path, endpoint in proxy.ROUTES.items()
     }
     app.asgi_app = RequestDispatch(app.asgi_app, handlers, cors_origins)  # type: ignore[method-assign, assignment, arg-type]
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ PROVIDER_KINDS = ("openai", "mock")
 SYNC_MODES = ("interval", "always", "never")
 PROVIDER_SETTINGS = (
     *("kind", "base_url", "api_key", "models", "weight", "max_retries", "timeout"),
+    *("connect_timeout", "max_connections", "retry_on_timeout", "retry_after_max"),
+    *("max_response_mb", "max_event_kb", "proxy", "http2", "verify", "ca_file"),
+    *("client_cert", "client_key"),
     *("chunks", "delay_ms"),  # the built-in mock's pacing
 )
 DEFAULT_AUDIT_PATH = "crabtrio-audit.jsonl"
@@ -52,7 +56,22 @@ class ProviderConfig:
     models: tuple[str, ...]
     weight: float = 1.0
     max_retries: int = 2
-    timeout: float = 30.0
+    # Until the response head, then each gap between reads (the official OpenAI client: 600 s).
+    timeout: float = 600.0
+    connect_timeout: float = 10.0
+    max_connections: int = 100  # per provider; more requests wait for one (within `timeout`)
+    # A timeout after the body was sent may leave the upstream generating (and billing) the
+    # answer: by default it is not retried on the same provider, only the next one is tried.
+    retry_on_timeout: bool = False
+    retry_after_max: float = 30.0  # Retry-After on 429/503 is honoured up to this
+    max_response_mb: float = 32.0  # a non-streaming body, after decompression
+    max_event_kb: float = 1024.0  # one SSE event
+    proxy: str | None = None  # else HTTP(S)_PROXY / ALL_PROXY / NO_PROXY from the environment
+    http2: bool = False
+    verify: bool = True
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
     # Built-in mock only: content chunks per stream and the pause between them.
     chunks: int = 8
     delay_ms: float = 0.0
@@ -299,14 +318,77 @@ class _Parser:
                     f"{where}.max_retries", entry.get("max_retries", 2), minimum=0
                 ),
                 timeout=self.number(
-                    f"{where}.timeout", entry.get("timeout", 30), minimum=0, strict=True
+                    f"{where}.timeout", entry.get("timeout", 600), minimum=0, strict=True
                 ),
+                connect_timeout=self.number(
+                    f"{where}.connect_timeout",
+                    entry.get("connect_timeout", 10),
+                    minimum=0,
+                    strict=True,
+                ),
+                max_connections=self.integer(
+                    f"{where}.max_connections", entry.get("max_connections", 100), minimum=1
+                ),
+                retry_on_timeout=self.boolean(
+                    f"{where}.retry_on_timeout", entry.get("retry_on_timeout", False)
+                ),
+                retry_after_max=self.number(
+                    f"{where}.retry_after_max", entry.get("retry_after_max", 30), minimum=0
+                ),
+                max_response_mb=self.number(
+                    f"{where}.max_response_mb",
+                    entry.get("max_response_mb", 32),
+                    minimum=0,
+                    strict=True,
+                ),
+                max_event_kb=self.number(
+                    f"{where}.max_event_kb", entry.get("max_event_kb", 1024), minimum=1
+                ),
+                proxy=self.proxy(f"{where}.proxy", entry.get("proxy")),
+                http2=self.boolean(f"{where}.http2", entry.get("http2", False)),
+                verify=self.boolean(f"{where}.verify", entry.get("verify", True)),
+                ca_file=self.file(f"{where}.ca_file", entry.get("ca_file")),
+                client_cert=self.file(f"{where}.client_cert", entry.get("client_cert")),
+                client_key=self.file(f"{where}.client_key", entry.get("client_key")),
                 chunks=self.integer(f"{where}.chunks", entry.get("chunks", 8), minimum=1),
                 delay_ms=self.number(f"{where}.delay_ms", entry.get("delay_ms", 0), minimum=0),
             )
+            if providers[name].client_key and not providers[name].client_cert:
+                raise self.fail(f"{where}.client_key", "needs client_cert beside it")
+            self.tls_material(where, providers[name])
         if not providers:
             raise self.fail("providers", "at least one [providers.NAME] table is required")
         return providers
+
+    def tls_material(self, where: str, provider: ProviderConfig) -> None:
+        """Load the CA file and client certificate now, so a bad one stops startup here."""
+        if provider.ca_file is None and provider.client_cert is None:
+            return
+        field = "ca_file"
+        try:
+            context = ssl.create_default_context(cafile=provider.ca_file)
+            field = "client_cert"
+            if provider.client_cert:
+                context.load_cert_chain(provider.client_cert, provider.client_key)
+        except (ssl.SSLError, OSError) as exc:
+            reason = exc.strerror or getattr(exc, "reason", None) or type(exc).__name__
+            raise self.fail(f"{where}.{field}", f"cannot be loaded: {reason}") from None
+
+    def file(self, where: str, value: Any) -> str | None:
+        if value is None:
+            return None
+        path = self.string(where, value)
+        if not os.path.isfile(path):
+            raise self.fail(where, f"no such file: {path}")
+        return path
+
+    def proxy(self, where: str, value: Any) -> str | None:
+        if value is None:
+            return None
+        url = self.string(where, value)
+        if not url.startswith(("http://", "https://", "socks5://")):
+            raise self.fail(where, "must start with http://, https:// or socks5://")
+        return url
 
     def aliases(self, raw: Any, served: set[str]) -> dict[str, str]:
         aliases: dict[str, str] = {}

@@ -63,27 +63,48 @@ class PayloadTooLarge(GatewayError):
 
 
 class UpstreamError(GatewayError):
-    """The upstream answered with an error status, or could not be reached (502)."""
+    """An upstream attempt failed: unreachable, broken, a limit broken, or an error status.
+
+    The one type above the upstream client for everything that went wrong upstream (made in
+    `upstream.client` only). `retryable`: worth another attempt on the same provider;
+    `retry_after`: seconds the upstream asked us to wait (already capped).
+    """
 
     status, kind, default_code = 502, "upstream_error", "upstream_error"
 
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        retryable: bool = True,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, code=code, status=status)
+        self.retryable = retryable
+        self.retry_after = retry_after
 
-class UpstreamTimeout(GatewayError):
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer, or stalled, within its timeout (504)."""
+
     status, kind, default_code = 504, "timeout_error", "upstream_timeout"
+
+
+class UpstreamRejected(UpstreamError):
+    """An upstream 4xx (not 429) relayed as-is: its status and its scrubbed JSON error body."""
+
+    def __init__(self, status: int, body: bytes, provider: str) -> None:
+        super().__init__(f"upstream {provider} returned {status}", status=status, retryable=False)
+        self.relayed = body
+
+    def body_bytes(self) -> bytes:
+        return self.relayed
 
 
 class Unavailable(GatewayError):
     status, kind, default_code = 503, "server_error", "unavailable"
-
-
-class UpstreamRejected(Exception):
-    """An upstream 4xx to relay as-is: its status and its (scrubbed) JSON error body."""
-
-    def __init__(self, status: int, body: bytes, provider: str) -> None:
-        super().__init__(f"upstream {provider} returned {status}")
-        self.status = status
-        self.body = body
-        self.provider = provider
 
 
 def error_body(status: int, message: str, kind: str, code: str | None) -> bytes:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+import httpx
 import orjson
 import trio
 
@@ -103,22 +104,54 @@ async def chat_stream(body: dict[str, Any], provider: ProviderConfig) -> AsyncGe
     yield DONE
 
 
-class StreamResponse:
-    """`chat_stream` in the shape of an upstream response, so streams are relayed alike."""
+class MockTransport(httpx.AsyncBaseTransport):
+    """The mock provider as an httpx transport: the gateway calls it like any upstream."""
 
-    status = 200
+    def __init__(self, provider: ProviderConfig) -> None:
+        self._provider = provider
 
-    def __init__(self, body: dict[str, Any], provider: ProviderConfig) -> None:
-        self._events = chat_stream(body, provider)
-
-    async def receive(self) -> bytes:
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
-            return await anext(self._events)
-        except StopAsyncIteration:
-            return b""
+            body = orjson.loads(request.content)
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            return _error(400, "the mock provider takes a JSON object")
+        path = request.url.path
+        if path.endswith("/chat/completions"):
+            if body.get("stream") is True:
+                return httpx.Response(
+                    200,
+                    headers=[(b"content-type", b"text/event-stream")],
+                    stream=_Events(chat_stream(body, self._provider)),
+                )
+            return _json(chat(body, self._provider))
+        if path.endswith("/embeddings"):
+            return _json(embeddings(body, self._provider))
+        return _error(404, "the mock provider serves chat and embeddings only")
+
+
+class _Events(httpx.AsyncByteStream):
+    def __init__(self, events: AsyncGenerator[bytes]) -> None:
+        self._events = events
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for piece in self._events:
+            yield piece
 
     async def aclose(self) -> None:
         await self._events.aclose()
+
+
+def _json(content: bytes) -> httpx.Response:
+    return httpx.Response(200, headers=[(b"content-type", b"application/json")], content=content)
+
+
+def _error(status: int, message: str) -> httpx.Response:
+    body = {"error": {"message": message, "type": "invalid_request_error", "code": None}}
+    return httpx.Response(
+        status, headers=[(b"content-type", b"application/json")], content=orjson.dumps(body)
+    )
 
 
 def embeddings(body: dict[str, Any], provider: ProviderConfig) -> bytes:

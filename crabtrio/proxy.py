@@ -30,16 +30,15 @@ from .errors import (
     PayloadTooLarge,
     RequestTimeout,
     Unavailable,
-    UpstreamRejected,
     error_body,
 )
-from .providers import call_json, open_stream
+from .providers import PATHS as UPSTREAM_PATHS
 from .services import Services
 from .stream import relay
 
 log = logging.getLogger("crabtrio")
 
-PATHS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
+ROUTES = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
 # Like Quart's BODY_TIMEOUT: a client has this long to send its whole request body.
 BODY_TIMEOUT_SECONDS = 60.0
 
@@ -199,22 +198,14 @@ async def _forward(
         if pending.stream:
             await _stream(svc, send, pending, request)
             return
-        content = await call_json(
-            svc.upstream,
-            request.plan,
-            endpoint,
-            request.body,
-            orjson.dumps(request.body),
-            pending.set_provider,
+        content = await svc.upstream.call_json(
+            request.plan, UPSTREAM_PATHS[endpoint], orjson.dumps(request.body), pending.set_provider
         )
         pending.set_usage(_usage_of(content))
         await _recorded(svc, pending.finish(200))
         await _send_json(send, 200, content)
     except GatewayError as exc:
         await _send_error(svc, send, pending, exc)
-    except UpstreamRejected as exc:
-        await _recorded(svc, pending.finish(exc.status, str(exc)))
-        await _send_json(send, exc.status, exc.body)
 
 
 async def _stream(svc: Services, send: Send, pending: PendingRecord, request: _Request) -> None:
@@ -225,9 +216,7 @@ async def _stream(svc: Services, send: Send, pending: PendingRecord, request: _R
         # Ask for usage anyway, for the record; the usage-only chunk is not forwarded.
         body["stream_options"] = {**(options if isinstance(options, dict) else {})}
         body["stream_options"]["include_usage"] = True
-    opened = await open_stream(
-        svc.upstream, request.plan, body, orjson.dumps(body), pending.set_provider
-    )
+    opened = await svc.upstream.open_stream(request.plan, orjson.dumps(body), pending.set_provider)
     events = relay(
         opened, pending, wants_usage=wants_usage, wait_recorded=lambda s: _recorded(svc, s)
     )

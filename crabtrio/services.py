@@ -6,13 +6,15 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
+import httpx
 from quart import current_app
 
 from .audit import AuditLogger, AuditReader, AuditStatistics
 from .auth import KeyRing
 from .config import Config
+from .providers import Upstreams
 from .routing import Router
-from .upstream import Transport, UpstreamClient
+from .upstream import Scrubber, UpstreamClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +24,7 @@ class Services:
     keys: KeyRing
     audit: AuditLogger
     reader: AuditReader | None
-    upstream: UpstreamClient
+    upstream: Upstreams
 
     def audit_statistics(self) -> AuditStatistics:
         stats = self.audit.statistics()
@@ -35,7 +37,7 @@ class Services:
 
 @asynccontextmanager
 async def open_services(
-    config: Config, *, transport: Transport | None = None
+    config: Config, *, transport: httpx.AsyncBaseTransport | None = None
 ) -> AsyncIterator[Services]:
     """Open the audit log (writer, then reader) and the upstream client; close in reverse.
 
@@ -47,7 +49,13 @@ async def open_services(
         if audit.enabled:
             reader = await stack.enter_async_context(AuditReader.open(config.audit.path))
             audit.on_written = reader.nudge
-        upstream = await stack.enter_async_context(UpstreamClient.open(transport=transport))
+        client = await stack.enter_async_context(
+            UpstreamClient.open(config.providers.values(), transport=transport)
+        )
+        # Kept out of every upstream text that is relayed or recorded.
+        secrets = [p.api_key for p in config.providers.values()]
+        secrets += [k.key for k in config.keys] + [config.admin_token]
+        upstream = Upstreams(client, Scrubber(secrets))
         yield Services(
             config=config,
             router=Router(config),

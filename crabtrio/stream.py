@@ -8,9 +8,8 @@ import orjson
 
 from . import sse
 from .audit import PendingRecord
-from .errors import GatewayError, UpstreamError, UpstreamTimeout
+from .errors import GatewayError, UpstreamError
 from .providers import OpenedStream
-from .upstream import UpstreamFailure
 
 
 class _UsageFilter:
@@ -64,8 +63,7 @@ async def relay(
         out = usage(opened.first)
         if out:
             yield out
-        while not usage.done and (chunk := await opened.receive()):
-            complete = opened.splitter.feed(chunk)
+        while not usage.done and (complete := await opened.receive()) is not None:
             if complete:
                 out = usage(complete)
                 if out:
@@ -73,9 +71,8 @@ async def relay(
         await wait_recorded(pending.finish(200))
         yield sse.DONE
         await opened.drain()
-    except UpstreamFailure as failure:
-        error = UpstreamTimeout(str(failure)) if failure.timeout else UpstreamError(str(failure))
-        pending.finish(error.status, str(failure))
-        yield sse.event(error.body())
+    except UpstreamError as failure:
+        pending.finish(failure.status, str(failure))
+        yield sse.event(failure.body())
     except GatewayError as exc:  # the record could not be made durable: no [DONE]
         yield sse.event(exc.body())

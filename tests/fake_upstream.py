@@ -1,78 +1,48 @@
-"""A fake upstream transport for in-process tests: httpx-style handlers answer requests.
+"""A fake upstream for in-process tests: httpx-style handlers answer requests.
 
-Handlers receive an `httpx.Request` and return an `httpx.Response` (content may be an async
-iterator, to stream). Transport failures are raised the way the real client meets them:
-`httpx.ConnectError` from a handler becomes a refused connection, `httpx.ReadError` while
-streaming becomes a broken connection.
+`httpx.MockTransport` plays the upstream; like a network transport (and unlike the mock
+alone), this one bounds each read of a response body by the request's read timeout, and
+hands bodies over as raw bytes, not yet decoded.
 """
 
 from __future__ import annotations
 
-import errno
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator
 
 import httpx
 import trio
 
-from crabtrio.http11 import Origin
 
-Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
-
-
-class HandlerTransport:
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-
-    async def request(
-        self,
-        origin: Origin,
-        method: bytes,
-        target: bytes,
-        headers: Sequence[tuple[bytes, bytes]],
-        body: bytes,
-        timeout: float,
-    ) -> FakeResponse:
-        port = "" if origin.port in (80, 443) else f":{origin.port}"
-        url = f"{origin.scheme}://{origin.host}{port}{target.decode()}"
-        request = httpx.Request(method.decode(), url, headers=list(headers), content=body)
-        with trio.fail_after(timeout):
-            try:
-                response = await self.handler(request)
-            except httpx.ConnectError as exc:
-                raise OSError(errno.ECONNREFUSED, str(exc)) from None
-        return FakeResponse(response, timeout)
+class FakeUpstream(httpx.MockTransport):
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        timeout = request.extensions.get("timeout", {}).get("read")
+        stream = response.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=_Timed(stream, timeout),
+            extensions=response.extensions,
+        )
 
 
-class FakeResponse:
-    """Like the real client's responses: each read of the body waits at most `timeout`."""
-
-    def __init__(self, response: httpx.Response, timeout: float) -> None:
-        self.status = response.status_code
+class _Timed(httpx.AsyncByteStream):
+    def __init__(self, stream: httpx.AsyncByteStream, timeout: float | None) -> None:
+        self._stream = stream
         self._timeout = timeout
-        self._response = response
-        self._chunks: AsyncIterator[bytes] | None = None
-        try:
-            self._whole: bytes | None = response.content  # built from bytes: already read
-        except httpx.ResponseNotRead:
-            self._whole = None
 
-    async def receive(self) -> bytes:
-        if self._whole is not None:
-            whole, self._whole = self._whole, b""
-            return whole
-        if self._chunks is None:
-            self._chunks = self._response.aiter_raw()
-        try:
-            with trio.fail_after(self._timeout):
-                while not (chunk := await anext(self._chunks)):
-                    pass
-            return chunk
-        except StopAsyncIteration:
-            return b""
-        except httpx.ReadError as exc:
-            raise trio.BrokenResourceError(str(exc)) from None
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        chunks = aiter(self._stream)
+        while True:
+            try:
+                with trio.fail_after(self._timeout if self._timeout is not None else float("inf")):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except trio.TooSlowError:
+                raise httpx.ReadTimeout("nothing in time") from None
+            yield chunk
 
     async def aclose(self) -> None:
-        if self._chunks is not None:
-            await self._chunks.aclose()  # type: ignore[attr-defined]
-        await self._response.aclose()
+        await self._stream.aclose()

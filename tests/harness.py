@@ -16,7 +16,7 @@ from quart.typing import TestClientProtocol
 from crabtrio import create_app
 from crabtrio.config import parse_config
 
-from .fake_upstream import HandlerTransport
+from .fake_upstream import FakeUpstream
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
@@ -149,7 +149,7 @@ async def gateway(
     config = parse_config(
         top + base + extra + f'\n[audit]\npath = "{audit_path}"\n{audit}\n', "test.toml"
     )
-    transport = HandlerTransport(handler) if handler is not None else None
+    transport = FakeUpstream(handler) if handler is not None else None
     app = create_app(config, transport=transport)
     app.config.update(app_config or {})
     async with app.test_app() as test_app:

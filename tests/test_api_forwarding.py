@@ -10,7 +10,7 @@ import orjson
 import pytest
 import trio
 
-from .harness import TEAM_A, chat_answer, gateway, stream_chunks
+from .harness import BASE, TEAM_A, chat_answer, gateway, stream_chunks
 
 CHAT = {
     "model": "gpt4",
@@ -176,11 +176,14 @@ async def test_unreachable_upstreams_give_502(tmp_path) -> None:
     assert gw.records()[0]["status"] == 502
 
 
-async def test_all_attempts_timing_out_give_504(tmp_path, idle_jump_clock) -> None:
+async def test_a_timeout_moves_on_to_the_next_provider_without_retrying(
+    tmp_path, idle_jump_clock
+) -> None:
+    """The upstream that timed out may still be generating (and billing) the answer."""
     attempts = []
 
     async def handler(request: httpx.Request) -> httpx.Response:
-        attempts.append(trio.current_time())
+        attempts.append((request.url.host, trio.current_time()))
         await trio.sleep(60)
         return httpx.Response(200, json=chat_answer())
 
@@ -188,9 +191,25 @@ async def test_all_attempts_timing_out_give_504(tmp_path, idle_jump_clock) -> No
         response = await gw.post("/v1/chat/completions", CHAT, headers=TEAM_A)
         assert response.status_code == 504
         assert orjson.loads(await response.get_data())["error"]["type"] == "timeout_error"
-    assert len(attempts) == 3
-    assert attempts[1] - attempts[0] >= 5  # each attempt waited its 5 s timeout
+    # primary allows 1 retry, but a timeout is not retried: primary once, then backup once.
+    assert [host for host, _ in attempts] == ["upstream.test", "backup.test"]
+    assert attempts[1][1] - attempts[0][1] >= 5  # each attempt waited its 5 s timeout
     assert gw.records()[0]["status"] == 504
+
+
+async def test_retry_on_timeout_retries_the_same_provider(tmp_path, idle_jump_clock) -> None:
+    attempts = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        attempts.append(request.url.host)
+        await trio.sleep(60)
+        return httpx.Response(200, json=chat_answer())
+
+    base = BASE.replace("max_retries = 1\n", "max_retries = 1\nretry_on_timeout = true\n", 1)
+    async with gateway(tmp_path, handler, base=base) as gw:
+        response = await gw.post("/v1/chat/completions", CHAT, headers=TEAM_A)
+        assert response.status_code == 504
+    assert attempts == ["upstream.test", "upstream.test", "backup.test"]
 
 
 async def test_embeddings_are_routed_and_recorded(tmp_path) -> None:

@@ -56,8 +56,20 @@ def test_full_config_parses_with_env_expansion() -> None:
         "openai",
         None,
         2,
-        30.0,
+        600.0,
     )
+    defaults = (
+        backup.connect_timeout,
+        backup.max_connections,
+        backup.retry_on_timeout,
+        backup.retry_after_max,
+        backup.max_response_mb,
+        backup.max_event_kb,
+        backup.proxy,
+        backup.http2,
+        backup.verify,
+    )
+    assert defaults == (10.0, 100, False, 30.0, 32.0, 1024.0, None, False, True)
     assert config.models == ["gpt-4o", "gpt-4o-mini"]
     assert config.aliases == {"gpt4": "gpt-4o"}
     assert [k.name for k in config.keys] == ["team-a", "team-b"]
@@ -176,3 +188,25 @@ def test_embedded_default_serves_the_mock() -> None:
     assert config.providers["mock"].kind == "mock"
     assert config.keys == ()
     assert config.audit.path == "crabtrio-audit.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            'ca_file = "/nonexistent/ca.pem"',
+            "providers.p.ca_file: no such file: /nonexistent/ca.pem",
+        ),
+        (
+            'proxy = "ftp://proxy"',
+            "providers.p.proxy: must start with http://, https:// or socks5://",
+        ),
+        ("max_connections = 0", "providers.p.max_connections: must be at least 1, got 0"),
+        ('verify = "no"', "providers.p.verify: expected true or false, got a string"),
+    ],
+)
+def test_bad_upstream_client_settings_name_the_field(setting: str, message: str) -> None:
+    text = f'[providers.p]\nmodels = ["m"]\n{setting}\n'
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, "c.toml")
+    assert str(error.value) == f"c.toml: {message}"
