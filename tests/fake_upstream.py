@@ -1,7 +1,8 @@
 """A fake upstream for in-process tests: httpx-style handlers answer requests.
 
 `httpx.MockTransport` plays the upstream; like a network transport (and unlike the mock
-alone), this one bounds each read of a response body by the request's read timeout, and
+alone), this one bounds the wait for the head and each read of a response body by the
+request's read timeout, and
 hands bodies over as raw bytes, not yet decoded.
 """
 
@@ -15,8 +16,12 @@ import trio
 
 class FakeUpstream(httpx.MockTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await super().handle_async_request(request)
         timeout = request.extensions.get("timeout", {}).get("read")
+        try:
+            with trio.fail_after(timeout if timeout is not None else float("inf")):
+                response = await super().handle_async_request(request)
+        except trio.TooSlowError:
+            raise httpx.ReadTimeout("no answer in time") from None
         stream = response.stream
         assert isinstance(stream, httpx.AsyncByteStream)
         return httpx.Response(

@@ -168,18 +168,12 @@ class UpstreamClient:
     async def post(self, provider: ProviderConfig, path: str, body: bytes) -> UpstreamResponse:
         """POST `body`; return once the status and headers are in (the body still streams).
 
-        `provider.timeout` bounds the wait for the head, then (in the transport) each read.
+        `provider.timeout` bounds (in the transport) the wait for the head, then each read.
         """
         url, headers = self._target(provider, path)
         request = httpx.Request("POST", url, headers=headers, content=body)
         try:
-            with trio.fail_after(provider.timeout):
-                response = await self._clients[provider.name].send(request, stream=True)
-        except trio.TooSlowError:
-            raise UpstreamTimeout(
-                f"upstream {provider.name} did not answer within {provider.timeout:g}s",
-                retryable=provider.retry_on_timeout,
-            ) from None
+            response = await self._clients[provider.name].send(request, stream=True)
         except httpx.HTTPError as exc:
             raise translate(exc, provider) from None
         return UpstreamResponse(response, provider)
@@ -287,10 +281,13 @@ def _client_for(
         transport = network_transport(provider)
     client = httpx.AsyncClient(
         transport=transport,
-        # The deadline for the head is ours (`post`): it covers the wait for a pooled
-        # connection and the write too. The transport bounds the connect and each read.
+        # The transport bounds each step: the wait for a pooled connection, the connect, the
+        # write, and each read (the response head's included).
         timeout=httpx.Timeout(
-            connect=provider.connect_timeout, read=provider.timeout, write=None, pool=None
+            connect=provider.connect_timeout,
+            read=provider.timeout,
+            write=provider.timeout,
+            pool=provider.timeout,
         ),
         follow_redirects=False,
         trust_env=False,  # proxies from the environment are chosen in network_transport

@@ -326,11 +326,21 @@ def _next_event(state: h11.Connection, what: str) -> Any:
 
 
 async def _receive_head(connection: _Connection, timeout: float | None) -> h11.Response:
+    """The response head, within `timeout` in all (an upstream trickling it byte by byte
+    does not get a new deadline per read)."""
+    try:
+        with _limit(timeout):
+            return await _read_head(connection)
+    except trio.TooSlowError:
+        raise httpx.ReadTimeout("the upstream sent no response in time") from None
+
+
+async def _read_head(connection: _Connection) -> h11.Response:
     state = connection.h11
     while True:
         event = _next_event(state, "response head")
         if event is h11.NEED_DATA:
-            data = await _receive(connection, timeout)
+            data = await _receive(connection, None)
             if not data:
                 raise httpx.RemoteProtocolError("the upstream closed the connection unanswered")
             state.receive_data(data)
