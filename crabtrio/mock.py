@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -132,12 +132,16 @@ class MockTransport(httpx.AsyncBaseTransport):
 
 
 class _Events(httpx.AsyncByteStream):
+    """An iterator over the events, so a stream left mid-way is closed, not finalized."""
+
     def __init__(self, events: AsyncGenerator[bytes]) -> None:
         self._events = events
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for piece in self._events:
-            yield piece
+    def __aiter__(self) -> _Events:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await anext(self._events)
 
     async def aclose(self) -> None:
         await self._events.aclose()

@@ -8,8 +8,6 @@ hands bodies over as raw bytes, not yet decoded.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import trio
 
@@ -33,21 +31,25 @@ class FakeUpstream(httpx.MockTransport):
 
 
 class _Timed(httpx.AsyncByteStream):
+    """An iterator (not an async generator, which the GC would have to finalize)."""
+
     def __init__(self, stream: httpx.AsyncByteStream, timeout: float | None) -> None:
         self._stream = stream
-        self._timeout = timeout
+        self._chunks = aiter(stream)
+        self._timeout = timeout if timeout is not None else float("inf")
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        chunks = aiter(self._stream)
-        while True:
-            try:
-                with trio.fail_after(self._timeout if self._timeout is not None else float("inf")):
-                    chunk = await anext(chunks)
-            except StopAsyncIteration:
-                return
-            except trio.TooSlowError:
-                raise httpx.ReadTimeout("nothing in time") from None
-            yield chunk
+    def __aiter__(self) -> _Timed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            with trio.fail_after(self._timeout):
+                return await anext(self._chunks)
+        except trio.TooSlowError:
+            raise httpx.ReadTimeout("nothing in time") from None
 
     async def aclose(self) -> None:
+        close = getattr(self._chunks, "aclose", None)
+        if close is not None:
+            await close()
         await self._stream.aclose()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ssl
 import urllib.request
 import zlib
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -120,6 +120,11 @@ class UpstreamResponse:
             return
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + 1.0
+            # The body's iterator first: an async generator left to the GC (a stream the
+            # client walked away from) makes trio warn, and runs its cleanup too late.
+            chunks = self._chunks
+            if isinstance(chunks, AsyncGenerator):
+                await chunks.aclose()
             await self._response.aclose()
 
 

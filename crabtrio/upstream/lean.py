@@ -20,7 +20,6 @@ import contextlib
 import select
 import ssl
 import time
-from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -246,10 +245,15 @@ class _Body(httpx.AsyncByteStream):
         self._connection: _Connection | None = connection
         self._timeout = timeout
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    # An iterator, not an async generator: one abandoned mid-body (a client that left) would
+    # be finalized by the GC, with a warning from trio and its cleanup run too late.
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
         connection = self._connection
         if connection is None:
-            return
+            raise StopAsyncIteration
         state = connection.h11
         while True:
             event = _next_event(state, "body")
@@ -258,12 +262,12 @@ class _Body(httpx.AsyncByteStream):
                 continue
             if type(event) is h11.Data:
                 if event.data:
-                    yield bytes(event.data)
+                    return bytes(event.data)
                 continue
             if type(event) is h11.EndOfMessage:
                 self._connection = None
                 self._pool.checkin(connection)
-                return
+                raise StopAsyncIteration
             raise httpx.RemoteProtocolError("the upstream sent something else than a body")
 
     async def aclose(self) -> None:
