@@ -22,8 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from targets import extract_crabtrio
+
 BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
 
 # Runs inside valgrind: PYTHONPATH picks which crabtrio is imported.
 SERVE = r"""
@@ -115,11 +116,8 @@ def main() -> int:
         print("bench/instructions.py needs valgrind: apt-get install valgrind", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as scratch:
-        archive = subprocess.run(
-            ["git", "archive", args.baseline, "crabtrio"], cwd=ROOT, check=True, capture_output=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", scratch], input=archive, check=True)
-        base = per_request(Path(scratch), args.short, args.long, args.audit)
+        extract_crabtrio(args.baseline, Path(scratch) / "base")
+        base = per_request(Path(scratch) / "base", args.short, args.long, args.audit)
     ours = per_request(None, args.short, args.long, args.audit)
     print("| code | instructions per chat request |")
     print("|---|---:|")

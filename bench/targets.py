@@ -31,10 +31,9 @@ _crabtrio_path: Path | None = None
 _baseline_path: Path | None = None
 
 
-def snapshot_baseline(ref: str, dest: Path) -> str:
-    """Extract the crabtrio package of git `ref` for the `crabtrio-baseline` target; return
-    the commit it resolved to. Its dependencies are the checkout's venv."""
-    global _baseline_path
+def extract_crabtrio(ref: str, dest: Path) -> str:
+    """Extract the crabtrio package of git `ref` into `dest` (made here); return the commit
+    it resolved to. Imported with `dest` first on PYTHONPATH, it runs on the checkout's venv."""
     root = BENCH.parent
     commit = subprocess.run(
         ["git", "rev-parse", "--short", f"{ref}^{{commit}}"],
@@ -48,6 +47,13 @@ def snapshot_baseline(ref: str, dest: Path) -> str:
         ["git", "archive", commit, "crabtrio"], cwd=root, check=True, capture_output=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return commit
+
+
+def snapshot_baseline(ref: str, dest: Path) -> str:
+    """`ref`'s crabtrio for the `crabtrio-baseline` target; returns its commit."""
+    global _baseline_path
+    commit = extract_crabtrio(ref, dest)
     _baseline_path = dest
     return commit
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import ssl
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +78,10 @@ class ProviderConfig:
     delay_ms: float = 0.0
 
 
+# What a provider setting is when its table leaves it out: the dataclass's own defaults.
+_PROVIDER_DEFAULTS = {f.name: f.default for f in fields(ProviderConfig) if f.default is not MISSING}
+
+
 @dataclass(frozen=True, slots=True)
 class KeyConfig:
     name: str
@@ -131,6 +136,34 @@ class Config:
         for provider in self.providers.values():
             seen.update(dict.fromkeys(provider.models))
         return list(seen)
+
+
+def tls_settings(provider: ProviderConfig) -> tuple[str | None, bool, str | None, str | None, bool]:
+    """The arguments of `tls_context` for this provider."""
+    p = provider
+    return p.ca_file, p.verify, p.client_cert, p.client_key, p.http2
+
+
+@functools.cache
+def tls_context(
+    ca_file: str | None,
+    verify: bool,
+    client_cert: str | None,
+    client_key: str | None,
+    http2: bool,
+) -> ssl.SSLContext:
+    """The TLS context for these settings, built once per process: loading the CA store takes
+    milliseconds, and the config check and every provider with the same settings share it.
+    Raises ssl.SSLError or OSError for files that cannot be loaded."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if client_cert:
+        context.load_cert_chain(client_cert, client_key)
+    if http2:
+        context.set_alpn_protocols(["h2", "http/1.1"])
+    return context
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -312,46 +345,71 @@ class _Parser:
                 api_key=None if api_key is None else self.string(f"{where}.api_key", api_key),
                 models=self.strings(f"{where}.models", entry["models"]),
                 weight=self.number(
-                    f"{where}.weight", entry.get("weight", 1), minimum=0, strict=True
+                    f"{where}.weight",
+                    entry.get("weight", _PROVIDER_DEFAULTS["weight"]),
+                    minimum=0,
+                    strict=True,
                 ),
                 max_retries=self.integer(
-                    f"{where}.max_retries", entry.get("max_retries", 2), minimum=0
+                    f"{where}.max_retries",
+                    entry.get("max_retries", _PROVIDER_DEFAULTS["max_retries"]),
+                    minimum=0,
                 ),
                 timeout=self.number(
-                    f"{where}.timeout", entry.get("timeout", 600), minimum=0, strict=True
+                    f"{where}.timeout",
+                    entry.get("timeout", _PROVIDER_DEFAULTS["timeout"]),
+                    minimum=0,
+                    strict=True,
                 ),
                 connect_timeout=self.number(
                     f"{where}.connect_timeout",
-                    entry.get("connect_timeout", 10),
+                    entry.get("connect_timeout", _PROVIDER_DEFAULTS["connect_timeout"]),
                     minimum=0,
                     strict=True,
                 ),
                 max_connections=self.integer(
-                    f"{where}.max_connections", entry.get("max_connections", 100), minimum=1
+                    f"{where}.max_connections",
+                    entry.get("max_connections", _PROVIDER_DEFAULTS["max_connections"]),
+                    minimum=1,
                 ),
                 retry_on_timeout=self.boolean(
-                    f"{where}.retry_on_timeout", entry.get("retry_on_timeout", False)
+                    f"{where}.retry_on_timeout",
+                    entry.get("retry_on_timeout", _PROVIDER_DEFAULTS["retry_on_timeout"]),
                 ),
                 retry_after_max=self.number(
-                    f"{where}.retry_after_max", entry.get("retry_after_max", 30), minimum=0
+                    f"{where}.retry_after_max",
+                    entry.get("retry_after_max", _PROVIDER_DEFAULTS["retry_after_max"]),
+                    minimum=0,
                 ),
                 max_response_mb=self.number(
                     f"{where}.max_response_mb",
-                    entry.get("max_response_mb", 32),
+                    entry.get("max_response_mb", _PROVIDER_DEFAULTS["max_response_mb"]),
                     minimum=0,
                     strict=True,
                 ),
                 max_event_kb=self.number(
-                    f"{where}.max_event_kb", entry.get("max_event_kb", 1024), minimum=1
+                    f"{where}.max_event_kb",
+                    entry.get("max_event_kb", _PROVIDER_DEFAULTS["max_event_kb"]),
+                    minimum=1,
                 ),
                 proxy=self.proxy(f"{where}.proxy", entry.get("proxy")),
-                http2=self.boolean(f"{where}.http2", entry.get("http2", False)),
-                verify=self.boolean(f"{where}.verify", entry.get("verify", True)),
+                http2=self.boolean(
+                    f"{where}.http2", entry.get("http2", _PROVIDER_DEFAULTS["http2"])
+                ),
+                verify=self.boolean(
+                    f"{where}.verify", entry.get("verify", _PROVIDER_DEFAULTS["verify"])
+                ),
                 ca_file=self.file(f"{where}.ca_file", entry.get("ca_file")),
                 client_cert=self.file(f"{where}.client_cert", entry.get("client_cert")),
                 client_key=self.file(f"{where}.client_key", entry.get("client_key")),
-                chunks=self.integer(f"{where}.chunks", entry.get("chunks", 8), minimum=1),
-                delay_ms=self.number(f"{where}.delay_ms", entry.get("delay_ms", 0), minimum=0),
+                chunks=self.integer(
+                    f"{where}.chunks", entry.get("chunks", _PROVIDER_DEFAULTS["chunks"]), minimum=1
+                ),
+                delay_ms=self.number(
+                    f"{where}.delay_ms",
+                    entry.get("delay_ms", _PROVIDER_DEFAULTS["delay_ms"]),
+                    minimum=0,
+                ),
             )
             if providers[name].client_key and not providers[name].client_cert:
                 raise self.fail(f"{where}.client_key", "needs client_cert beside it")
@@ -364,13 +422,14 @@ class _Parser:
         """Load the CA file and client certificate now, so a bad one stops startup here."""
         if provider.ca_file is None and provider.client_cert is None:
             return
-        field = "ca_file"
         try:
-            context = ssl.create_default_context(cafile=provider.ca_file)
-            field = "client_cert"
-            if provider.client_cert:
-                context.load_cert_chain(provider.client_cert, provider.client_key)
+            tls_context(*tls_settings(provider))
         except (ssl.SSLError, OSError) as exc:
+            field = "client_cert"
+            try:  # which file: the CA file alone loads, or not
+                tls_context(provider.ca_file, provider.verify, None, None, provider.http2)
+            except (ssl.SSLError, OSError):
+                field = "ca_file"
             reason = exc.strerror or getattr(exc, "reason", None) or type(exc).__name__
             raise self.fail(f"{where}.{field}", f"cannot be loaded: {reason}") from None
 

@@ -44,7 +44,15 @@ class Exchange:
     is on its way: the response is complete and the connection is hypercorn's again.
     """
 
-    __slots__ = ("_idle", "_receive", "_send", "_start_headers", "disconnected", "final")
+    __slots__ = (
+        "_receive",
+        "_send",
+        "_sending",
+        "_sent",
+        "_start_headers",
+        "disconnected",
+        "final",
+    )
 
     def __init__(
         self, receive: Receive, send: Send, start_headers: list[tuple[bytes, bytes]]
@@ -52,7 +60,10 @@ class Exchange:
         self._receive = receive
         self._send = send
         self._start_headers = start_headers
-        self._idle: trio.Event | None = None  # set while a send is in progress
+        self._sending = False
+        # Made only when a disconnect waits for a send to end: a send is once per relayed
+        # event, a disconnect once per request at most.
+        self._sent: trio.Event | None = None
         self.disconnected = False  # the client went away before the response ended
         self.final = False  # the last body part was handed to the server
 
@@ -62,20 +73,24 @@ class Exchange:
             message["headers"] = [*message["headers"], *self._start_headers]
         elif kind == "http.response.body" and not message.get("more_body", False):
             self.final = True
-        idle = self._idle = trio.Event()
+        self._sending = True
         try:
             await self._send(message)
         finally:
-            self._idle = None
-            idle.set()
+            self._sending = False
+            if self._sent is not None:
+                self._sent.set()
+                self._sent = None
 
     async def receive(self) -> Message:
         message = await self._receive()
         if message["type"] == "http.disconnect":
             if not self.final:
                 self.disconnected = True
-            while self._idle is not None:
-                await self._idle.wait()
+            while self._sending:
+                if self._sent is None:
+                    self._sent = trio.Event()
+                await self._sent.wait()
             if self.final:
                 await trio.sleep_forever()  # the caller is cancelled when its work ends
         return message

@@ -65,9 +65,10 @@ class PayloadTooLarge(GatewayError):
 class UpstreamError(GatewayError):
     """An upstream attempt failed: unreachable, broken, a limit broken, or an error status.
 
-    The one type above the upstream client for everything that went wrong upstream (made in
-    `upstream.client` only). `retryable`: worth another attempt on the same provider;
-    `retry_after`: seconds the upstream asked us to wait (already capped).
+    The one type above the upstream client for everything that went wrong upstream (transport
+    failures become one in `upstream.client`, bad answers in `providers`). `retryable`: worth
+    another attempt on the same provider; `retry_after`: the seconds the upstream asked us
+    to wait (capped by `providers` when it waits).
     """
 
     status, kind, default_code = 502, "upstream_error", "upstream_error"

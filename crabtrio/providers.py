@@ -17,6 +17,7 @@ import email.utils
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import trio
@@ -49,12 +50,7 @@ class OpenedStream:
         Raises UpstreamError, also for an event longer than the provider's `max_event_kb`.
         """
         chunk = await self.response.receive()
-        if not chunk:
-            return None
-        try:
-            return self.splitter.feed(chunk)
-        except EventTooLarge as exc:
-            raise _event_too_large(self.provider, exc) from None
+        return _feed(self.splitter, chunk, self.provider) if chunk else None
 
     async def drain(self) -> None:
         """Read what follows [DONE] (normally just the body's end) so the connection is reused."""
@@ -67,12 +63,16 @@ class OpenedStream:
         await self.response.aclose()
 
 
-def _event_too_large(provider: ProviderConfig, exc: EventTooLarge) -> UpstreamError:
-    return UpstreamError(
-        f"upstream {provider.name} sent {exc} (max_event_kb = {provider.max_event_kb:g})",
-        code="upstream_event_too_large",
-        retryable=False,
-    )
+def _feed(splitter: EventSplitter, chunk: bytes, provider: ProviderConfig) -> bytes:
+    """The events `chunk` completes; an event past `max_event_kb` is an UpstreamError."""
+    try:
+        return splitter.feed(chunk)
+    except EventTooLarge as exc:
+        raise UpstreamError(
+            f"upstream {provider.name} sent {exc} (max_event_kb = {provider.max_event_kb:g})",
+            code="upstream_event_too_large",
+            retryable=False,
+        ) from None
 
 
 class _Attempts:
@@ -133,16 +133,17 @@ class Upstreams:
         status = response.status
         if 200 <= status < 300:
             return None
-        if 300 <= status < 400:
-            await response.aclose()
+        if 300 <= status < 400:  # the caller closes the response, as for any error
             return UpstreamError(
                 f"upstream {provider.name} answered {status} (a redirect: not followed)",
                 retryable=False,
             )
         body = self.scrubber.body(await response.read())
+        parsed = _json(body)
         if 400 <= status < 500 and status not in (408, 429):
-            return UpstreamRejected(status, self._error_body(body, status, provider), provider.name)
-        message = f"upstream {provider.name} returned {status}{self._message(body)}"
+            relayed = _error_body(body, parsed, status, provider)
+            return UpstreamRejected(status, relayed, provider.name)
+        message = f"upstream {provider.name} returned {status}{_message(parsed)}"
         return UpstreamError(
             message,
             status=status if status >= 429 else 502,
@@ -202,26 +203,28 @@ class Upstreams:
             attempts.failed(problem)
         raise attempts.error()
 
-    def _message(self, body: bytes) -> str:
-        try:
-            message = orjson.loads(body)["error"]["message"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            return ""
-        return f": {clip(message)}" if isinstance(message, str) and message else ""
 
-    def _error_body(self, body: bytes, status: int, provider: ProviderConfig) -> bytes:
-        """The upstream's error body if it is OpenAI-shaped JSON, else one built around it."""
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-            return body
-        text = body.decode("utf-8", "replace").strip()
-        message = f"upstream {provider.name} returned {status}" + (
-            f": {clip(text)}" if text else ""
-        )
-        return orjson.dumps({"error": {"message": message, "type": "upstream_error", "code": None}})
+def _json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _message(parsed: Any) -> str:
+    """The upstream's own error message (OpenAI's shape), clipped, to quote in ours."""
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return f": {clip(message)}" if isinstance(message, str) and message else ""
+
+
+def _error_body(body: bytes, parsed: Any, status: int, provider: ProviderConfig) -> bytes:
+    """The upstream's error body if it is OpenAI-shaped JSON, else one built around it."""
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return body
+    text = body.decode("utf-8", "replace").strip()
+    message = f"upstream {provider.name} returned {status}" + (f": {clip(text)}" if text else "")
+    return orjson.dumps({"error": {"message": message, "type": "upstream_error", "code": None}})
 
 
 async def _first_events(
@@ -229,10 +232,7 @@ async def _first_events(
 ) -> OpenedStream | None:
     splitter = EventSplitter(int(provider.max_event_kb * KIB))
     while chunk := await response.receive():
-        try:
-            first = splitter.feed(chunk)
-        except EventTooLarge as exc:
-            raise _event_too_large(provider, exc) from None
+        first = _feed(splitter, chunk, provider)
         if first:
             return OpenedStream(provider, first, splitter, response)
     return None

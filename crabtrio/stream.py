@@ -8,7 +8,7 @@ import orjson
 
 from . import sse
 from .audit import PendingRecord
-from .errors import GatewayError, UpstreamError
+from .errors import GatewayError
 from .providers import OpenedStream
 
 
@@ -71,8 +71,8 @@ async def relay(
         await wait_recorded(pending.finish(200))
         yield sse.DONE
         await opened.drain()
-    except UpstreamError as failure:
-        pending.finish(failure.status, str(failure))
-        yield sse.event(failure.body())
-    except GatewayError as exc:  # the record could not be made durable: no [DONE]
+    except GatewayError as exc:
+        # An upstream failure mid-stream is recorded here; a record that could not be made
+        # durable was finished already (`finish` records once). Either way: no [DONE].
+        pending.finish(exc.status, str(exc))
         yield sse.event(exc.body())

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from ..config import ProviderConfig
+from ..config import ProviderConfig, tls_context, tls_settings
 from ..errors import UpstreamError, UpstreamTimeout
 from ..mock import MockTransport
 from .lean import RELEASED_AT_END, LeanTransport
@@ -84,7 +84,6 @@ class UpstreamResponse:
                 self._decoder, chunk, MAX_STREAM_PIECE, self._provider, final=not chunk
             )
             if out or not chunk:
-                self._done = not chunk
                 return out
 
     async def _receive_raw(self) -> bytes:
@@ -335,15 +334,6 @@ def _environment_proxy(url: str) -> str | None:
 
 
 def _ssl_context(provider: ProviderConfig) -> ssl.SSLContext | None:
-    """Built once per provider: loading the CA store takes milliseconds."""
     if not provider.base_url.startswith("https://"):
         return None
-    context = ssl.create_default_context(cafile=provider.ca_file)
-    if not provider.verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if provider.client_cert:
-        context.load_cert_chain(provider.client_cert, provider.client_key)
-    if provider.http2:
-        context.set_alpn_protocols(["h2", "http/1.1"])
-    return context
+    return tls_context(*tls_settings(provider))

@@ -108,7 +108,6 @@ class _Pool:
         try:
             await self._send(connection, head, body, timeouts.get("write"))
         except httpx.WriteError:
-            self._discard(connection)
             if not connection.idle_since:
                 raise
             # A reused connection that the server had closed before our request reached it
@@ -116,14 +115,7 @@ class _Pool:
             connection = await self._checkout(
                 timeouts.get("pool"), timeouts.get("connect"), fresh=True
             )
-            try:
-                await self._send(connection, head, body, timeouts.get("write"))
-            except BaseException:
-                self._discard(connection)
-                raise
-        except BaseException:
-            self._discard(connection)
-            raise
+            await self._send(connection, head, body, timeouts.get("write"))
         # From here on the request was sent: whatever happens, it is never sent again.
         try:
             response = await _receive_head(connection, read_timeout)
@@ -198,16 +190,20 @@ class _Pool:
     async def _send(
         self, connection: _Connection, head: h11.Request, body: bytes, timeout: float | None
     ) -> None:
-        data = connection.h11.send(head) or b""
-        data += connection.h11.send(h11.Data(data=body)) or b""
-        data += connection.h11.send(h11.EndOfMessage()) or b""
+        """Write the request; a connection that fails it (or is cancelled in it) is discarded."""
         try:
+            data = connection.h11.send(head) or b""
+            data += connection.h11.send(h11.Data(data=body)) or b""
+            data += connection.h11.send(h11.EndOfMessage()) or b""
             with _limit(timeout):
                 await connection.stream.send_all(data)
-        except trio.TooSlowError:
-            raise httpx.WriteTimeout("sending the request took too long") from None
-        except _BROKEN as exc:
-            raise httpx.WriteError("the connection broke while sending") from exc
+        except BaseException as exc:
+            self._discard(connection)
+            if isinstance(exc, trio.TooSlowError):
+                raise httpx.WriteTimeout("sending the request took too long") from None
+            if isinstance(exc, _BROKEN):
+                raise httpx.WriteError("the connection broke while sending") from exc
+            raise
 
     def checkin(self, connection: _Connection) -> None:
         """Keep a connection whose exchange ended exactly; close any other."""

@@ -2,8 +2,8 @@
 
 An upstream may echo a key back in an error body, raw or JSON-escaped (`sk\\u002d...`), and a
 client decodes the escapes. So a body that is JSON is decoded, every string in it scrubbed,
-and re-encoded (no escaped form survives); one that is not JSON is scrubbed raw and, if its
-text still spells a secret once `\\uXXXX` escapes are read, withheld whole.
+and re-encoded (no escaped form survives); one that is not JSON is scrubbed as text. A
+string that still spells a secret once its own `\\uXXXX` escapes are read is withheld whole.
 """
 
 from __future__ import annotations
@@ -15,15 +15,12 @@ from typing import Any
 import orjson
 
 REDACTED = "[redacted]"
-WITHHELD = b"[upstream text withheld: it contained a secret]"
-_ESCAPE = re.compile(rb"\\+u([0-9a-fA-F]{4})")
-_TEXT_ESCAPE = re.compile(r"\\+u([0-9a-fA-F]{4})")
+_ESCAPE = re.compile(r"\\+u([0-9a-fA-F]{4})")
 
 
 class Scrubber:
     def __init__(self, secrets: Iterable[str | None]) -> None:
         self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
-        self._raw = [s.encode() for s in self._secrets]
 
     def text(self, text: str) -> str:
         """A decoded string with every secret replaced; withheld whole if its own `\\uXXXX`
@@ -32,7 +29,7 @@ class Scrubber:
             if secret in text:
                 text = text.replace(secret, REDACTED)
         if "\\u" in text:
-            unescaped = _TEXT_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+            unescaped = _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
             if any(secret in unescaped for secret in self._secrets):
                 return REDACTED
         return text
@@ -44,18 +41,8 @@ class Scrubber:
         try:
             parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
-            parsed = _NOT_JSON
-        if parsed is not _NOT_JSON:
-            return orjson.dumps(self._walk(parsed))
-        for raw in self._raw:
-            body = body.replace(raw, REDACTED.encode())
-        if b"\\u" in body:
-            unescaped = _ESCAPE.sub(
-                lambda m: chr(int(m.group(1), 16)).encode("utf-8", "replace"), body
-            )
-            if any(raw in unescaped for raw in self._raw):
-                return WITHHELD
-        return body
+            return self.text(body.decode("utf-8", "replace")).encode()
+        return orjson.dumps(self._walk(parsed))
 
     def _walk(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -65,6 +52,3 @@ class Scrubber:
         if isinstance(value, dict):
             return {self.text(k): self._walk(v) for k, v in value.items()}
         return value
-
-
-_NOT_JSON = object()
