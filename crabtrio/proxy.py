@@ -21,6 +21,7 @@ import trio
 from .audit import PendingRecord
 from .audit.record import clip
 from .config import ProviderConfig
+from .deadline import Deadline
 from .dispatch import REQUEST_ID, STARTED
 from .errors import (
     Forbidden,
@@ -114,7 +115,7 @@ class _Client:
         parts: list[bytes] = []
         size = 0
         try:
-            with trio.fail_after(BODY_TIMEOUT_SECONDS):
+            with Deadline(BODY_TIMEOUT_SECONDS):
                 while True:
                     message = await self.receive()
                     if message["type"] == "http.disconnect":

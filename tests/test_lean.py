@@ -325,6 +325,22 @@ async def test_a_head_that_never_comes_is_a_read_timeout() -> None:
             await client.get("/")
 
 
+async def test_a_body_the_server_never_reads_is_a_write_timeout_and_loses_its_connection() -> (
+    None
+):
+    async def never_reads(peer: Peer) -> None:
+        await trio.sleep_forever()
+
+    async with serving(never_reads, write=0.3, read=5.0) as (server, client):
+        transport = client._transport
+        assert isinstance(transport, LeanTransport)
+        with pytest.raises(httpx.WriteTimeout):
+            # More than the socket buffers hold, so the write blocks.
+            await client.post("/", content=b"x" * (32 * 1024 * 1024))
+        assert transport.open_connections() == 0
+    assert server.connections == 1
+
+
 async def test_the_read_timeout_bounds_each_gap_in_the_body_not_the_whole() -> None:
     async def trickle_then_stall(peer: Peer) -> None:
         await peer.read_request()

@@ -17,6 +17,7 @@ What it promises, as a client library must:
 from __future__ import annotations
 
 import contextlib
+import math
 import select
 import ssl
 import time
@@ -27,6 +28,8 @@ from typing import Any
 import h11
 import httpx
 import trio
+
+from ..deadline import Deadline
 
 READ_SIZE = 64 * 1024
 # A pooled connection idle longer than this is closed rather than reused: servers close idle
@@ -105,27 +108,43 @@ class _Pool:
         head = _head(request)
         body = request.content
         connection = await self._checkout(timeouts.get("pool"), timeouts.get("connect"))
+        # One cancel scope (each costs ~25k instructions) for writing the request and then
+        # waiting for the response head, each step with its own deadline.
+        scope = trio.CancelScope(deadline=_deadline(timeouts.get("write")))
+        sent = False
         try:
-            await self._send(connection, head, body, timeouts.get("write"))
-        except httpx.WriteError:
-            if not connection.idle_since:
-                raise
-            # A reused connection that the server had closed before our request reached it
-            # (it was idle and quiet when checked): once more, on a new connection.
-            connection = await self._checkout(
-                timeouts.get("pool"), timeouts.get("connect"), fresh=True
-            )
-            await self._send(connection, head, body, timeouts.get("write"))
-        # From here on the request was sent: whatever happens, it is never sent again.
-        try:
-            response = await _receive_head(connection, read_timeout)
+            with scope:
+                try:
+                    await self._send(connection, head, body)
+                except httpx.WriteError:
+                    if not connection.idle_since:
+                        raise
+                    # A reused connection that the server had closed before our request
+                    # reached it (it was idle and quiet when checked): once more, on a new
+                    # connection (waiting for it is bounded by the pool and connect limits).
+                    scope.deadline = math.inf
+                    connection = await self._checkout(
+                        timeouts.get("pool"), timeouts.get("connect"), fresh=True
+                    )
+                    scope.deadline = _deadline(timeouts.get("write"))
+                    await self._send(connection, head, body)
+                # From here on the request was sent: whatever happens, it is never sent again.
+                sent = True
+                scope.deadline = _deadline(read_timeout)
+                response = await _read_head(connection)
         except BaseException:
-            self._discard(connection)
+            if sent:  # (`_send` discards the connection it fails on)
+                self._discard(connection)
             raise
+        if scope.cancelled_caught:
+            if not sent:
+                raise httpx.WriteTimeout("sending the request took too long")
+            self._discard(connection)
+            raise httpx.ReadTimeout("the upstream sent no response in time")
         stream = _Body(self, connection, read_timeout)
         return httpx.Response(
             response.status_code,
-            headers=response.headers,
+            headers=response.headers.raw_items(),  # (a list: faster for httpx to take in)
             stream=stream,
             extensions={
                 "http_version": b"HTTP/1.1",
@@ -137,15 +156,13 @@ class _Pool:
     async def _checkout(
         self, pool_timeout: float | None, connect_timeout: float | None, *, fresh: bool = False
     ) -> _Connection:
+        if not fresh and (connection := self._reuse()) is not None:
+            return connection  # the common case, without a deadline to set up
         try:
             with _limit(pool_timeout):
                 while True:
-                    now = time.monotonic()
-                    while self._idle and not fresh:
-                        connection = self._idle.pop()
-                        if connection.reusable(now):
-                            return connection
-                        self._discard(connection)
+                    if not fresh and (connection := self._reuse()) is not None:
+                        return connection
                     if self._open < self._limit:
                         break
                     if self._idle:  # a fresh one is needed: make room
@@ -161,6 +178,16 @@ class _Pool:
             self._open -= 1
             self._changed.unpark()
             raise
+
+    def _reuse(self) -> _Connection | None:
+        """The most recently used idle connection that is still good; the others closed."""
+        now = time.monotonic()
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.reusable(now):
+                return connection
+            self._discard(connection)
+        return None
 
     async def _connect(self, timeout: float | None) -> _Connection:
         origin = self.origin
@@ -187,20 +214,15 @@ class _Pool:
             raise httpx.ConnectError("cannot connect") from exc
         return _Connection(stream, tcp.socket)
 
-    async def _send(
-        self, connection: _Connection, head: h11.Request, body: bytes, timeout: float | None
-    ) -> None:
+    async def _send(self, connection: _Connection, head: h11.Request, body: bytes) -> None:
         """Write the request; a connection that fails it (or is cancelled in it) is discarded."""
         try:
             data = connection.h11.send(head) or b""
             data += connection.h11.send(h11.Data(data=body)) or b""
             data += connection.h11.send(h11.EndOfMessage()) or b""
-            with _limit(timeout):
-                await connection.stream.send_all(data)
+            await connection.stream.send_all(data)
         except BaseException as exc:
             self._discard(connection)
-            if isinstance(exc, trio.TooSlowError):
-                raise httpx.WriteTimeout("sending the request took too long") from None
             if isinstance(exc, _BROKEN):
                 raise httpx.WriteError("the connection broke while sending") from exc
             raise
@@ -325,17 +347,9 @@ def _next_event(state: h11.Connection, what: str) -> Any:
         raise httpx.RemoteProtocolError(f"the upstream sent a malformed {what}") from None
 
 
-async def _receive_head(connection: _Connection, timeout: float | None) -> h11.Response:
-    """The response head, within `timeout` in all (an upstream trickling it byte by byte
-    does not get a new deadline per read)."""
-    try:
-        with _limit(timeout):
-            return await _read_head(connection)
-    except trio.TooSlowError:
-        raise httpx.ReadTimeout("the upstream sent no response in time") from None
-
-
 async def _read_head(connection: _Connection) -> h11.Response:
+    """The response head (the caller bounds the wait for all of it: an upstream trickling it
+    byte by byte does not get a new deadline per read)."""
     state = connection.h11
     while True:
         event = _next_event(state, "response head")
@@ -355,5 +369,9 @@ async def _read_head(connection: _Connection) -> h11.Response:
 _NO_LIMIT = contextlib.nullcontext()
 
 
+def _deadline(timeout: float | None) -> float:
+    return trio.current_time() + timeout if timeout is not None else math.inf
+
+
 def _limit(timeout: float | None) -> AbstractContextManager[object]:
-    return trio.fail_after(timeout) if timeout is not None else _NO_LIMIT
+    return Deadline(timeout) if timeout is not None else _NO_LIMIT
