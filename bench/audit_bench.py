@@ -279,8 +279,10 @@ def _decode_cursor(text: str | None) -> tuple[int, str] | None:
     if not text:
         return None
 
-    ts, rid = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    return int(ts), str(rid)
+    # [timestamp, hex of the request id's first 16 bytes]: the naive scan compares ids, and
+    # an id after that prefix sorts after it, as in the index.
+    ts, tie = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    return int(ts), bytes.fromhex(tie).decode()
 
 
 def run(cache_dir: Path, workdir: Path, quick: bool) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from quart import Blueprint, Response, request
 
-from .audit.index import Cursor
+from .audit.columns import Cursor
 from .auth import check_admin
 from .errors import InvalidRequest, Unavailable
 from .services import current_services
@@ -24,23 +24,26 @@ READ_YOUR_WRITES_SECONDS = 1.0
 # filter would quietly match other values (and a record's model is clipped to 256 chars).
 MAX_FILTER_CHARS = 256
 # Cursor bounds: timestamps are ms, so 2**53 (the largest safe integer in JavaScript) is
-# far past any real one; request ids are 32 hex digits today.
+# far past any real one; the tie-breaker is the hex of a request id's first 16 bytes.
 MAX_CURSOR_TIMESTAMP = 2**53 - 1
-MAX_CURSOR_ID_CHARS = 64
+MAX_CURSOR_ID_CHARS = 32
+_HEX = re.compile(r"(?:[0-9a-f]{2})*")
 _INT_PARAMS = {"since": (0, 2**63 - 1), "until": (0, 2**63 - 1), "status": (100, 599)}
 _TEXT_PARAMS = ("key", "model", "provider")
 _KNOWN = {*_INT_PARAMS, *_TEXT_PARAMS, "limit", "before"}
-# Unpadded base64url; the longest valid cursor (64 quotes as the id) is 200 characters.
-_CURSOR = re.compile(r"[A-Za-z0-9_-]{1,200}")
+# Unpadded base64url; the longest valid cursor is 70 characters.
+_CURSOR = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _BAD_CURSOR = "'before' must be a cursor from a previous x-next-cursor header"
 
 
 def encode_cursor(cursor: Cursor) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(list(cursor))).decode().rstrip("=")
+    ts, tie = cursor
+    return base64.urlsafe_b64encode(orjson.dumps([ts, tie.hex()])).decode().rstrip("=")
 
 
 def decode_cursor(text: str) -> Cursor:
-    """The cursor `encode_cursor` made: unpadded base64url of `[timestamp, request_id]`."""
+    """The cursor `encode_cursor` made: unpadded base64url of `[timestamp, tie-breaker]`
+    (the tie-breaker in hex)."""
     if _CURSOR.fullmatch(text) is None:
         raise InvalidRequest(_BAD_CURSOR, param="before")
     try:
@@ -50,17 +53,16 @@ def decode_cursor(text: str) -> Cursor:
         raise InvalidRequest(_BAD_CURSOR, param="before") from None
     if not (type(value) is list and len(value) == 2):
         raise InvalidRequest(_BAD_CURSOR, param="before")
-    ts, rid = value
+    ts, tie = value
     if not (
         type(ts) is int
         and 0 <= ts <= MAX_CURSOR_TIMESTAMP
-        and type(rid) is str
-        and 0 < len(rid) <= MAX_CURSOR_ID_CHARS
-        and rid.isascii()
-        and rid.isprintable()
+        and type(tie) is str
+        and 0 < len(tie) <= MAX_CURSOR_ID_CHARS
+        and _HEX.fullmatch(tie)
     ):
         raise InvalidRequest(_BAD_CURSOR, param="before")
-    return ts, rid
+    return ts, bytes.fromhex(tie)
 
 
 def _integer(name: str, text: str, low: int, high: int) -> int:

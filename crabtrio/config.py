@@ -106,7 +106,8 @@ class AuditConfig:
     sync_interval_ms: int = 100
     # Bound on records accepted but not yet written; past it new requests get a 503.
     queue_max: int = 100_000
-    max_file_mb: float | None = None
+    # Rotation is on by default (sealed segments load from their sidecar indexes); 0 = off.
+    max_file_mb: float | None = 256.0
     retention_days: float | None = None
     max_total_mb: float | None = None
 
@@ -523,7 +524,8 @@ class _Parser:
                 "audit.sync_interval_ms", entry.get("sync_interval_ms", 100), minimum=1
             ),
             queue_max=self.integer("audit.queue_max", entry.get("queue_max", 100_000), minimum=1),
-            max_file_mb=optional("max_file_mb", positive),
+            max_file_mb=self.number("audit.max_file_mb", entry.get("max_file_mb", 256), minimum=0)
+            or None,
             retention_days=optional("retention_days", positive),
             max_total_mb=optional("max_total_mb", positive),
         )

@@ -30,6 +30,9 @@ class Services:
         stats = self.audit.statistics()
         if self.reader is not None:
             stats.corrupt_lines_skipped = self.reader.corrupt_lines
+            stats.indexed_records = len(self.reader.index)
+            stats.sidecars_loaded = self.reader.sidecars["loaded"]
+            stats.sidecars_rebuilt = self.reader.sidecars["rebuilt"]
             if self.reader.failure is not None:
                 stats.index_state, stats.index_reason = "degraded", self.reader.failure
         return stats

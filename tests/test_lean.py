@@ -325,9 +325,7 @@ async def test_a_head_that_never_comes_is_a_read_timeout() -> None:
             await client.get("/")
 
 
-async def test_a_body_the_server_never_reads_is_a_write_timeout_and_loses_its_connection() -> (
-    None
-):
+async def test_a_body_the_server_never_reads_is_a_write_timeout_and_loses_its_connection() -> None:
     async def never_reads(peer: Peer) -> None:
         await trio.sleep_forever()
 

@@ -1,89 +1,134 @@
-"""In-memory sorted index over audit records: O(log n + k) filtered, paginated queries."""
+"""The audit index: per file, sorted column runs (see `columns`) and per-hour rollups.
+
+A sealed (rotated) file has one run, usually mapped from its sidecar. The active file
+gathers new entries in a small buffer that becomes a run at the next query or when it fills;
+runs are merged two by two as they grow (each entry is re-sorted O(log n) times in all), so a
+query visits a handful of runs per file.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .sortedblocks import SortedBlocks
+import numpy as np
 
-# An entry: (timestamp, request_id, location, key_name, model, provider, status).
-# Sorted by (timestamp, request_id); `location` (unique per line) settles exact duplicates.
-Entry = tuple[int, str, int, str, str, str, int]
-Cursor = tuple[int, str]
+from . import columns as col
+from .columns import Page, Run, Strings, rid_key
+from .record import IndexedFields
+from .rollups import DIMENSIONS, HOUR_MS, MAX_COST, MAX_TOKENS, Rollups, select
 
-# Posting lists exist for these fields, so a filter on any of them walks only its matches.
-FIELDS: dict[str, int] = {"key": 3, "model": 4, "provider": 5, "status": 6}
+BUFFER_ENTRIES = 4096  # entries buffered before they become a run
 
-
-def _merged(existing: SortedBlocks | None, batch: list[Entry]) -> SortedBlocks:
-    """`existing` (or a new list) with `batch` added."""
-    if existing is None:
-        return SortedBlocks(batch)
-    existing.update(batch)
-    return existing
+__all__ = ["AuditIndex", "Page", "Segment"]
 
 
-@dataclass(frozen=True, slots=True)
-class Page:
-    locations: list[int]
-    next_cursor: Cursor | None
+class Segment:
+    """What the index knows of one file (a `source` of the reader)."""
+
+    __slots__ = ("_buffer", "_buffered", "bulk", "rollups", "runs", "source", "strings")
+
+    def __init__(
+        self,
+        source: int,
+        strings: Strings | None = None,
+        runs: list[Run] | None = None,
+        rollups: Rollups | None = None,
+    ) -> None:
+        self.source = source
+        self.strings = strings if strings is not None else Strings()
+        self.runs: list[Run] = runs if runs is not None else []
+        self.rollups = rollups if rollups is not None else Rollups(self.strings)
+        self._buffer: list[dict[str, np.ndarray]] = []
+        self._buffered = 0
+        # While a whole file is read (replay), entries wait for one sort at its end rather
+        # than being merged run by run.
+        self.bulk = False
+
+    def __len__(self) -> int:
+        return sum(len(run) for run in self.runs) + self._buffered
+
+    def add(self, records: list[IndexedFields], offsets: list[int], lengths: list[int]) -> None:
+        """Index a batch of records found at these offsets (with these line lengths)."""
+        n = len(records)
+        if not n:
+            return
+        codes = self.strings.codes
+        code = self.strings.code
+        columns = {
+            "ts": np.array([r.timestamp for r in records], np.int64),
+            "rid": np.array([rid_key(r.request_id) for r in records], "S16"),
+            "offset": np.array(offsets, np.int64),
+            "length": np.array(lengths, np.uint32),
+            "key": _codes([r.key_name for r in records], codes, code),
+            "model": _codes([r.model for r in records], codes, code),
+            "provider": _codes([r.provider for r in records], codes, code),
+            "status": np.array([r.status for r in records], np.uint16),
+        }
+        self.rollups.add(
+            columns["ts"],
+            columns,
+            _clipped([r.prompt_tokens or 0 for r in records], MAX_TOKENS),
+            _clipped([r.completion_tokens or 0 for r in records], MAX_TOKENS),
+            _clipped([r.cost_micros for r in records], MAX_COST),
+            _clipped([r.latency_ms for r in records], 2**62),
+        )
+        self._buffer.append(columns)
+        self._buffered += n
+        if self._buffered >= BUFFER_ENTRIES and not self.bulk:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make the buffered entries a run; merge runs while the newest is as large as the
+        one before it (a binary counter: O(log n) runs, each entry merged O(log n) times)."""
+        if not self._buffer:
+            return
+        batches, self._buffer, self._buffered = self._buffer, [], 0
+        arrays = {name: np.concatenate([b[name] for b in batches]) for name in col.NAMES}
+        self.runs.append(Run.build(self.source, self.strings, arrays))
+        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
+            newer = self.runs.pop()
+            self.runs[-1] = Run.merged([self.runs[-1], newer])
+
+    def sealed(self) -> Run | None:
+        """All entries as one run (the file was rotated: nothing more will come)."""
+        self.flush()
+        if len(self.runs) > 1:
+            self.runs = [Run.merged(self.runs)]
+        return self.runs[0] if self.runs else None
+
+
+def _clipped(values: list[int], limit: int) -> np.ndarray:
+    """int64 values within [0, limit] (a foreign record may hold any integer)."""
+    try:
+        return np.clip(np.array(values, np.int64), 0, limit)
+    except OverflowError:
+        return np.array([min(max(v, 0), limit) for v in values], np.int64)
+
+
+def _codes(values: list[str], codes: dict[str, int], code: Any) -> np.ndarray:
+    return np.array([codes[v] if v in codes else code(v) for v in values], np.uint32)
 
 
 class AuditIndex:
-    """Every entry sits in one sorted list, and in one posting list per filterable field."""
-
     def __init__(self) -> None:
-        self._all = SortedBlocks()
-        self._postings: dict[str, dict[Any, SortedBlocks]] = {name: {} for name in FIELDS}
+        self.segments: dict[int, Segment] = {}
 
     def __len__(self) -> int:
-        return len(self._all)
+        return sum(len(segment) for segment in self.segments.values())
 
-    def add(self, entry: Entry) -> None:
-        self._all.add(entry)
-        for name, position in FIELDS.items():
-            postings = self._postings[name]
-            value = entry[position]
-            bucket = postings.get(value)
-            if bucket is None:
-                postings[value] = bucket = SortedBlocks()
-            bucket.add(entry)
+    def segment(self, source: int) -> Segment:
+        found = self.segments.get(source)
+        if found is None:
+            found = self.segments[source] = Segment(source)
+        return found
 
-    def extend(self, entries: Iterable[Entry]) -> None:
-        """Add many entries at once: a list that is empty or small next to the batch is
-        rebuilt with one sort (nearly sorted input, so close to linear) rather than grown by
-        one insertion per entry."""
-        batch = list(entries)
-        if len(batch) < 64:
-            for entry in batch:
-                self.add(entry)
-            return
-        self._all = _merged(self._all, batch)
-        for name, position in FIELDS.items():
-            groups: dict[Any, list[Entry]] = {}
-            for entry in batch:
-                value = entry[position]
-                group = groups.get(value)
-                if group is None:
-                    groups[value] = group = []
-                group.append(entry)
-            postings = self._postings[name]
-            for value, group in groups.items():
-                postings[value] = _merged(postings.get(value), group)
+    def put(self, segment: Segment) -> None:
+        self.segments[segment.source] = segment
 
-    def discard(self, entries: Iterable[Entry]) -> None:
-        """Forget entries (their file was deleted by retention)."""
-        for entry in entries:
-            self._all.discard(entry)
-            for name, position in FIELDS.items():
-                postings = self._postings[name]
-                bucket = postings.get(entry[position])
-                if bucket is not None:
-                    bucket.discard(entry)
-                    if not bucket:
-                        del postings[entry[position]]
+    def drop(self, source: int) -> None:
+        """Forget a file's entries and rollups (its file was deleted by retention)."""
+        self.segments.pop(source, None)
 
     def query(
         self,
@@ -91,35 +136,46 @@ class AuditIndex:
         filters: dict[str, Any] | None = None,
         since: int | None = None,
         until: int | None = None,
-        before: Cursor | None = None,
+        before: col.Cursor | None = None,
         limit: int = 100,
     ) -> Page:
-        """Newest-first locations of matching entries, and a cursor when more match.
+        """Newest-first locations of matching entries, and a cursor when more match."""
+        return col.query(
+            self._runs(), filters=filters, since=since, until=until, before=before, limit=limit
+        )
 
-        Walks the shortest posting list among the filters, between the time bounds, so
-        the cost is O(log n) plus the entries of that list it steps over.
-        """
-        filters = filters or {}
-        source = self._all
-        for name, value in filters.items():
-            bucket = self._postings[name].get(value)
-            if bucket is None:
-                return Page([], None)
-            if len(bucket) < len(source):
-                source = bucket
-        checks = [(FIELDS[name], value) for name, value in filters.items()]
-        upper: tuple[Any, ...] | None = None if until is None else (until + 1,)
-        if before is not None and (upper is None or before < upper):
-            upper = before
-        lower = None if since is None else (since,)
-        found: list[int] = []
-        last: Entry | None = None
-        for entry in source.irange_descending(lower, upper):
-            if checks and any(entry[position] != value for position, value in checks):
-                continue
-            if len(found) == limit:
-                assert last is not None
-                return Page(found, (last[0], last[1]))
-            found.append(entry[2])
-            last = entry
-        return Page(found, None)
+    def rollups(
+        self,
+        *,
+        since: int | None = None,
+        until: int | None = None,
+        filters: dict[str, Any] | None = None,
+        group_by: Sequence[str] = DIMENSIONS,
+        interval: int | None = HOUR_MS,
+    ) -> dict[tuple[Any, ...], list[int]]:
+        """Summed cells (see `rollups.select`) of the hours that overlap [since, until]."""
+        return select(
+            (segment.rollups for segment in self.segments.values()),
+            since=since,
+            until=until,
+            filters=filters,
+            group_by=group_by,
+            interval=interval,
+        )
+
+    def _runs(self) -> Iterable[Run]:
+        for segment in self.segments.values():
+            segment.flush()
+            yield from segment.runs
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held by runs in private memory and mapped from sidecars."""
+        private = mapped = 0
+        for segment in self.segments.values():
+            for run in segment.runs:
+                base = run.columns["ts"].base
+                if base is not None and not isinstance(base, np.ndarray):
+                    mapped += run.nbytes
+                else:
+                    private += run.nbytes
+        return {"private_bytes": private, "mapped_bytes": mapped}

@@ -9,23 +9,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
-from .index import AuditIndex, Entry
+from . import sidecar
+from .columns import Location
+from .index import AuditIndex, Segment
 from .record import IndexedFields, decode_fields, decode_fields_lines
 from .rotation import rotated_siblings
 
 log = logging.getLogger("crabtrio.audit")
 
 POLL_SECONDS = 0.2
-MAX_LINE = (1 << 24) - 1  # lengths are packed into 24 bits of a location
+MAX_LINE = (1 << 24) - 1  # no record is longer (the writer's own limit is far below)
 READ_CHUNK = MAX_LINE + 1  # a chunk without a newline holds no valid line
-MAX_SOURCES = 1 << 16
 
 
 @dataclass(slots=True)
@@ -38,7 +38,6 @@ class _Source:
     ino: int
     offset: int = 0
     skipping: bool = False  # inside an over-long line
-    entries: list[Entry] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -62,11 +61,12 @@ class AuditReader:
         self._sources: dict[int, _Source] = {}
         self._active: _Source | None = None
         self._next_number = 0
-        self._strings: dict[object, object] = {}
         self._nudged = trio.Event()
         self.failure: str | None = None  # why the last catch-up failed; None when it did not
-        # Entries read but not yet in the index: added in one go, one sort per list.
-        self._unindexed: list[Entry] = []
+        # Sealed segments whose index came from their sidecar, and those rebuilt from JSONL.
+        self.sidecars = {"loaded": 0, "rebuilt": 0}
+        # Rotated files read to their end, to seal (sort, write the sidecar) off the loop.
+        self._to_seal: list[_Source] = []
 
     @classmethod
     @asynccontextmanager
@@ -85,15 +85,60 @@ class AuditReader:
             reader.close()
 
     def replay(self) -> None:
-        for path in [*rotated_siblings(self.path), self.path]:
+        for path in rotated_siblings(self.path):
             source = self._open_source(path)
-            if source is None:
-                continue
-            _warn_corrupt(self._read_new(source, final=path != self.path), path)
-        self._flush_to_index()
-        self._active = self._sources.get(self._next_number - 1)
-        if self._active is not None and self._active.path != self.path:
-            self._active = None
+            if source is not None:
+                self._load_sealed(source)
+        source = self._open_source(self.path)
+        if source is not None:
+            self._read_bulk(source, final=False)
+        self._active = source
+
+    def _read_bulk(self, source: _Source, *, final: bool) -> None:
+        segment = self.index.segment(source.number)
+        segment.bulk = True
+        try:
+            _warn_corrupt(self._read_new(source, final=final), source.path)
+        finally:
+            segment.bulk = False
+            segment.flush()
+
+    def _load_sealed(self, source: _Source) -> None:
+        """A sealed segment's index from its sidecar; or from its JSONL, then written to a
+        new sidecar and mapped from there (so every worker shares the pages)."""
+        size = os.fstat(source.fd).st_size
+        try:
+            segment = sidecar.load(source.path, source.fd, size, source.number)
+        except sidecar.SidecarError as exc:
+            log.warning(
+                "audit: rebuilding the index of %s from its lines (sidecar %s)",
+                os.path.basename(source.path),
+                exc,
+            )
+        else:
+            self.index.put(segment)
+            source.offset = size
+            self.sidecars["loaded"] += 1
+            return
+        self._read_bulk(source, final=True)
+        self._seal(source)
+        self.sidecars["rebuilt"] += 1
+
+    def _seal(self, source: _Source) -> None:
+        """The file was rotated and fully read: write its sidecar and map the index from it.
+        If that fails (a read-only directory), the index keeps its own copy."""
+        segment = self.index.segment(source.number)
+        size = source.offset
+        try:
+            sidecar.write(source.path, source.fd, size, segment)
+            self.index.put(sidecar.load(source.path, source.fd, size, source.number))
+        except (OSError, sidecar.SidecarError) as exc:
+            log.warning(
+                "audit: cannot write the index sidecar of %s (%s); keeping it in memory",
+                os.path.basename(source.path),
+                exc,
+            )
+            segment.sealed()
 
     def nudge(self) -> None:
         """Ask the follower to read now (the writer calls this after each append)."""
@@ -117,6 +162,26 @@ class AuditReader:
             if self.failure is not None:
                 log.warning("audit: the index reads %s again", self.path)
                 self.failure = None
+            await self._seal_rotated()
+
+    async def _seal_rotated(self) -> None:
+        """Seal in a worker thread: sorting a 256 MB segment's entries and writing its
+        sidecar takes a second or two that requests must not wait for. Its entries are
+        queryable meanwhile (from memory); the thread only replaces them with mapped ones."""
+        for source in self._rotated():
+            await trio.to_thread.run_sync(self._seal_or_load, source)
+
+    def seal_rotated(self) -> None:
+        """Seal what `catch_up` found rotated, now, in this thread (tests, tools)."""
+        for source in self._rotated():
+            self._seal_or_load(source)
+
+    def _rotated(self) -> list[_Source]:
+        pending, self._to_seal = self._to_seal, []
+        live = [source for source in pending if source.number in self._sources]
+        for source in live:
+            self.index.segment(source.number).flush()  # nothing is buffered from now on
+        return live
 
     def catch_up(self) -> None:
         """Index what was appended since the last call; switch files after a rotation."""
@@ -129,21 +194,33 @@ class AuditReader:
                     return
             # The path was rotated or deleted: finish the old file, then pick up the new one.
             self._read_logged(active, final=True)
+            renamed = _renamed(self.path, active.fd)
+            if renamed is not None:  # rotated (not deleted, nor moved elsewhere): seal it
+                active.path = renamed
+                self._to_seal.append(active)
         self._active = self._open_source(self.path)
         if self._active is not None:
             self._read_logged(self._active)
         self._forget_deleted()
 
-    def read_lines(self, locations: list[int]) -> list[bytes]:
+    def _seal_or_load(self, source: _Source) -> None:
+        """Another worker may have sealed it first: use its sidecar if it is valid."""
+        try:
+            segment = sidecar.load(source.path, source.fd, source.offset, source.number)
+        except sidecar.SidecarError:
+            self._seal(source)
+        else:
+            self.index.put(segment)
+
+    def read_lines(self, locations: list[Location]) -> list[bytes]:
         """The stored lines at these index locations (files are read, not kept in memory)."""
         lines = []
-        for location in locations:
-            source = self._sources.get(location & 0xFFFF)
+        for number, offset, length in locations:
+            source = self._sources.get(number)
             if source is None:
                 continue
-            span = location >> 16
             with contextlib.suppress(OSError):
-                lines.append(os.pread(source.fd, span & MAX_LINE, span >> 24))
+                lines.append(os.pread(source.fd, length, offset))
         return lines
 
     def close(self) -> None:
@@ -156,9 +233,6 @@ class AuditReader:
         except FileNotFoundError:
             return None
         number = self._next_number
-        if number >= MAX_SOURCES:  # pragma: no cover - 65,536 rotations in one process
-            os.close(fd)
-            raise OSError(f"audit: too many files opened for reading ({number})")
         self._next_number += 1
         source = _Source(number, path, fd, os.fstat(fd).st_ino)
         self._sources[number] = source
@@ -167,7 +241,7 @@ class AuditReader:
     def _drop(self, number: int, *, discard: bool = True) -> None:
         source = self._sources.pop(number)
         if discard:
-            self.index.discard(source.entries)
+            self.index.drop(number)
         with contextlib.suppress(OSError):
             os.close(source.fd)
 
@@ -179,14 +253,8 @@ class AuditReader:
                 if os.fstat(source.fd).st_nlink == 0:
                     self._drop(number)
 
-    def _flush_to_index(self) -> None:
-        if self._unindexed:
-            self.index.extend(self._unindexed)
-            self._unindexed = []
-
     def _read_logged(self, source: _Source, *, final: bool = False) -> None:
         _warn_corrupt(self._read_new(source, final=final), source.path)
-        self._flush_to_index()
 
     def _read_new(self, source: _Source, *, final: bool) -> CorruptLines:
         """Index the complete lines after `source.offset`; `final`: give up on a partial tail."""
@@ -194,8 +262,7 @@ class AuditReader:
         size = os.fstat(source.fd).st_size
         if size < source.offset:
             log.warning("audit: %s shrank from outside; re-reading it", source.path)
-            self.index.discard(source.entries)
-            source.entries.clear()
+            self.index.put(Segment(source.number))
             source.offset = 0
         while source.offset < size:
             data = os.pread(source.fd, min(READ_CHUNK, size - source.offset), source.offset)
@@ -226,8 +293,6 @@ class AuditReader:
 
     def _index_lines(self, source: _Source, data: bytes, corrupt: CorruptLines) -> None:
         """Index whole lines (`data` ends with a newline); count the ones that are not records."""
-        base, number = source.offset, source.number
-        intern: Callable[[Any, Any], Any] = self._strings.setdefault
         lines = data.split(b"\n")
         lines.pop()  # after the final newline
         decoded: list[IndexedFields | None] | None = decode_fields_lines(data)  # type: ignore[assignment]
@@ -236,28 +301,31 @@ class AuditReader:
             decoded = [
                 None if line.isspace() or not line else decode_fields(line) for line in lines
             ]
-        entries: list[Entry] = []
-        append = entries.append
-        offset = base
+        records: list[IndexedFields] = []
+        offsets: list[int] = []
+        lengths: list[int] = []
+        offset = source.offset
         for line, fields in zip(lines, decoded, strict=True):
             length = len(line)
             if fields is not None:
-                append(
-                    (
-                        fields.timestamp,
-                        fields.request_id,
-                        (((offset << 24) | length) << 16) | number,
-                        intern(fields.key_name, fields.key_name),
-                        intern(fields.model, fields.model),
-                        intern(fields.provider, fields.provider),
-                        intern(fields.status, fields.status),
-                    )
-                )
+                records.append(fields)
+                offsets.append(offset)
+                lengths.append(length)
             elif length and not line.isspace():
                 corrupt.add(offset)
             offset += length + 1
-        source.entries.extend(entries)
-        self._unindexed.extend(entries)
+        self.index.segment(source.number).add(records, offsets, lengths)
+
+
+def _renamed(path: str, fd: int) -> str | None:
+    """The rotated sibling of `path` that is the file open at `fd`, if any."""
+    info = os.fstat(fd)
+    for sibling in reversed(rotated_siblings(path)):  # the newest is the likeliest
+        with contextlib.suppress(OSError):
+            found = os.stat(sibling)
+            if (found.st_ino, found.st_dev) == (info.st_ino, info.st_dev):
+                return sibling
+    return None
 
 
 def _warn_corrupt(corrupt: CorruptLines, path: str) -> None:

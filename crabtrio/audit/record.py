@@ -7,7 +7,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import orjson
@@ -180,13 +180,15 @@ class IndexedFields(msgspec.Struct):
     """
 
     request_id: str
-    timestamp: int
+    timestamp: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # an int64 column
     key_name: str
     model: str
     provider: str
-    status: int
+    status: Annotated[int, msgspec.Meta(ge=0, le=65535)]  # a uint16 column
     latency_ms: int
     cost_micros: int
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 _FIELDS_DECODER = msgspec.json.Decoder(IndexedFields)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .rotation import expired, rotated_name
+from .sidecar import path_for as sidecar_path
 
 log = logging.getLogger("crabtrio.audit")
 
@@ -169,8 +170,9 @@ class AuditFile:
                 now=time.time(),
             )
             for path in doomed:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                for gone in (path, sidecar_path(path)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(gone)
                 log.info("audit: retention deleted %s", os.path.basename(path))
             if doomed:
                 fsync_directory(self.path)

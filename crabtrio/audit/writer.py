@@ -47,6 +47,10 @@ class AuditStatistics:
     failed_syncs: int = 0
     refused: int = 0
     corrupt_lines_skipped: int = 0
+    indexed_records: int = 0
+    # Sealed segments whose index was mapped from a sidecar, and those rebuilt from JSONL.
+    sidecars_loaded: int = 0
+    sidecars_rebuilt: int = 0
     index_state: str = "ok"  # ok | degraded (the index cannot read the file: retrying)
     index_reason: str | None = None
 

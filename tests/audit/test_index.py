@@ -1,53 +1,78 @@
-"""The sorted index: filters, time bounds, newest-first order and gapless pagination."""
+"""The columnar index against a naive oracle: filters, time bounds, newest-first order with
+ties on the timestamp, gapless cursor pages, several files and out-of-order appends."""
 
 from __future__ import annotations
 
 import random
+from typing import Any
 
-from crabtrio.audit.index import AuditIndex, Entry
+import pytest
+
+from crabtrio.audit.index import BUFFER_ENTRIES, AuditIndex
+from crabtrio.audit.record import IndexedFields
+
+Row = tuple[int, bytes, int, int, IndexedFields]  # (ts, rid key, offset, source, fields)
 
 
-def entries(n: int, seed: int = 3) -> list[Entry]:
+def fields(rng: random.Random, ts: int) -> IndexedFields:
+    return IndexedFields(
+        request_id=f"{rng.getrandbits(128):032x}",
+        timestamp=ts,
+        key_name=f"k{rng.randrange(3)}",
+        model=f"m{rng.randrange(4)}",
+        provider=rng.choice(["p", "q"]),
+        status=rng.choice([200, 200, 200, 429, 500]),
+        latency_ms=rng.randrange(10_000),
+        cost_micros=rng.randrange(1000),
+        prompt_tokens=rng.choice([None, rng.randrange(500)]),
+        completion_tokens=rng.randrange(500),
+    )
+
+
+def fill(index: AuditIndex, n: int, *, sources: int = 1, seed: int = 3) -> list[Row]:
+    """`n` entries over `sources` files, timestamps in random order with many ties."""
     rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        ts = 1_000 + rng.randrange(0, n // 3 + 1)  # many equal timestamps
-        out.append(
-            (
-                ts,
-                f"r{rng.getrandbits(32):08x}",
-                i,
-                f"k{i % 3}",
-                f"m{i % 4}",
-                "p",
-                200 if i % 5 else 500,
+    rows: list[Row] = []
+    offsets = [0] * sources
+    for _ in range(n):
+        source = rng.randrange(sources)
+        f = fields(rng, 1_000 + rng.randrange(0, n // 4 + 1))
+        rows.append((f.timestamp, f.request_id.encode()[:16], offsets[source], source, f))
+        offsets[source] += 101
+    for start in range(0, n, 500):  # in batches, as the reader adds them
+        for source in range(sources):
+            batch = [r for r in rows[start : start + 500] if r[3] == source]
+            index.segment(source).add(
+                [r[4] for r in batch], [r[2] for r in batch], [100] * len(batch)
             )
-        )
-    return out
+    return rows
 
 
-def expected(all_entries: list[Entry], **f: object) -> list[int]:
+def expected(rows: list[Row], **q: Any) -> list[tuple[int, int]]:
     keep = [
-        e
-        for e in all_entries
-        if ("key" not in f or e[3] == f["key"])
-        and ("model" not in f or e[4] == f["model"])
-        and ("status" not in f or e[6] == f["status"])
-        and ("since" not in f or e[0] >= f["since"])  # type: ignore[operator]
-        and ("until" not in f or e[0] <= f["until"])  # type: ignore[operator]
+        r
+        for r in rows
+        if ("key" not in q or r[4].key_name == q["key"])
+        and ("model" not in q or r[4].model == q["model"])
+        and ("provider" not in q or r[4].provider == q["provider"])
+        and ("status" not in q or r[4].status == q["status"])
+        and ("since" not in q or r[0] >= q["since"])
+        and ("until" not in q or r[0] <= q["until"])
     ]
-    return [e[2] for e in sorted(keep, reverse=True)]
+    keep.sort(key=lambda r: (r[0], r[1], r[2]), reverse=True)
+    return [(r[3], r[2]) for r in keep]
 
 
-def paged(index: AuditIndex, limit: int, **query: object) -> list[int]:
-    filters = {k: v for k, v in query.items() if k in ("key", "model", "status", "provider")}
-    rest = {k: v for k, v in query.items() if k in ("since", "until")}
-    got: list[int] = []
+def paged(index: AuditIndex, limit: int, **q: Any) -> list[tuple[int, int]]:
+    filters = {k: v for k, v in q.items() if k in ("key", "model", "status", "provider")}
+    bounds = {k: v for k, v in q.items() if k in ("since", "until")}
+    got: list[tuple[int, int]] = []
     before = None
     for _ in range(10_000):
-        page = index.query(filters=filters, before=before, limit=limit, **rest)  # type: ignore[arg-type]
+        page = index.query(filters=filters, before=before, limit=limit, **bounds)
         assert len(page.locations) <= limit
-        got += page.locations
+        got += [(source, offset) for source, offset, length in page.locations]
+        assert all(length == 100 for _, _, length in page.locations)
         if page.next_cursor is None:
             return got
         assert len(page.locations) == limit
@@ -55,70 +80,97 @@ def paged(index: AuditIndex, limit: int, **query: object) -> list[int]:
     raise AssertionError("pagination did not end")
 
 
-def test_queries_match_a_full_scan() -> None:
-    data = entries(2000)
+@pytest.mark.parametrize("sources", [1, 3])
+def test_random_queries_match_a_full_scan(sources: int) -> None:
     index = AuditIndex()
-    index.extend(data[:100])
-    index.extend(data[100:1400])  # larger than what is there: rebuilt with one sort
-    index.extend(data[1400:1500])  # smaller: inserted
-    for entry in data[1500:]:
-        index.add(entry)
-    assert len(index) == 2000
-    cases = [
-        {},
-        {"key": "k1"},
-        {"model": "m2", "key": "k0"},
-        {"status": 500},
-        {"since": 1100, "until": 1300},
-        {"key": "k2", "since": 1200},
-        {"until": 1000},
-    ]
-    for case in cases:
-        want = expected(data, **case)
-        filters = {k: v for k, v in case.items() if k in ("key", "model", "status")}
-        bounds = {k: v for k, v in case.items() if k in ("since", "until")}
-        page = index.query(filters=filters, limit=1000, **bounds)  # type: ignore[arg-type]
-        assert page.locations == want[:1000], case
-        for limit in (1, 7, 100):
-            assert paged(index, limit, **case) == want, (case, limit)
+    rows = fill(index, 3 * BUFFER_ENTRIES + 123, sources=sources)  # several runs per file
+    assert len(index) == len(rows)
+    rng = random.Random(7)
+    for _ in range(60):
+        q: dict[str, Any] = {}
+        for name, values in (
+            ("key", ["k0", "k1", "k2"]),
+            ("model", ["m0", "m3"]),
+            ("provider", ["p", "q"]),
+            ("status", [200, 500]),
+        ):
+            if rng.random() < 0.3:
+                q[name] = rng.choice(values)
+        if rng.random() < 0.5:
+            q["since"] = rng.randrange(1_000, 4_000)
+        if rng.random() < 0.5:
+            q["until"] = rng.randrange(1_000, 4_000)
+        limit = rng.choice([1, 7, 100, 1000])
+        assert paged(index, limit, **q) == expected(rows, **q), q
 
 
-def test_unknown_filter_value_is_empty() -> None:
+def test_appends_between_pages_do_not_disturb_older_pages() -> None:
+    """Newer records added while paging do not shift the pages of older ones."""
     index = AuditIndex()
-    index.extend(entries(100))
-    page = index.query(filters={"key": "nobody"})
-    assert page.locations == [] and page.next_cursor is None
-
-
-def test_pagination_survives_inserts_of_older_records() -> None:
-    """A clock stepping back inserts old timestamps mid-walk: no skip, no repeat of the rest."""
-    data = entries(300)
-    index = AuditIndex()
-    index.extend(data)
-    first = index.query(limit=50)
-    assert first.next_cursor is not None
-    late = [(500, f"late{i}", 10_000 + i, "k0", "m0", "p", 200) for i in range(20)]
-    for entry in late:
-        index.add(entry)
-    rest = []
-    before = first.next_cursor
-    while before is not None:
+    rows = fill(index, 2000)
+    rng = random.Random(11)
+    got: list[tuple[int, int]] = []
+    before = None
+    offset = 10**9
+    while True:
         page = index.query(before=before, limit=50)
-        rest += page.locations
+        got += [(source, off) for source, off, _ in page.locations]
+        if page.next_cursor is None:
+            break
         before = page.next_cursor
-    want = expected(data)
-    assert first.locations + [loc for loc in rest if loc < 10_000] == want
-    assert sorted(loc for loc in rest if loc >= 10_000) == [e[2] for e in late]
-    assert len(set(first.locations + rest)) == len(first.locations + rest)
+        for _ in range(5):  # newer than anything: never in the remaining pages
+            f = fields(rng, 10**6 + rng.randrange(100))
+            index.segment(0).add([f], [offset], [100])
+            offset += 101
+    assert got == expected(rows)
 
 
-def test_discard_forgets_entries() -> None:
-    data = entries(200)
+def test_unknown_values_match_nothing() -> None:
     index = AuditIndex()
-    index.extend(data)
-    index.discard(data[:150])
-    assert len(index) == 50
-    assert sorted(index.query(limit=1000).locations) == [e[2] for e in data[150:]]
-    assert sorted(index.query(filters={"key": "k0"}, limit=1000).locations) == sorted(
-        e[2] for e in data[150:] if e[3] == "k0"
-    )
+    fill(index, 100)
+    assert index.query(filters={"key": "nobody"}).locations == []
+    assert index.query(filters={"status": 201}).locations == []
+    assert index.query(since=10**9).locations == []
+
+
+def test_a_dropped_file_leaves_no_entries_or_rollups() -> None:
+    index = AuditIndex()
+    rows = fill(index, 500, sources=2)
+    index.drop(1)
+    kept = [r for r in rows if r[3] == 0]
+    assert paged(index, 100) == expected(kept)
+    assert sum(cell[0] for cell in index.rollups().values()) == len(kept)
+
+
+def test_rollups_match_a_naive_sum() -> None:
+    index = AuditIndex()
+    rng = random.Random(5)
+    rows: list[IndexedFields] = []
+    for i in range(5000):
+        f = fields(rng, rng.randrange(0, 50 * 3_600_000))
+        index.segment(i % 2).add([f], [i * 101], [100])
+        rows.append(f)
+    for since, until, filters in [
+        (None, None, {}),
+        (7_200_000 + 5, 20 * 3_600_000, {}),
+        (0, 3_600_000 * 49, {"key": "k1", "status": 200}),
+        (3_600_000 * 10, None, {"model": "m2", "provider": "q"}),
+    ]:
+        naive: dict[tuple[Any, ...], list[int]] = {}
+        low = None if since is None else since - since % 3_600_000
+        for f in rows:
+            hour = f.timestamp - f.timestamp % 3_600_000
+            if (low is not None and hour < low) or (until is not None and hour > until):
+                continue
+            values = {"key": f.key_name, "model": f.model, "provider": f.provider}
+            values["status"] = f.status  # type: ignore[assignment]
+            if any(values[k] != v for k, v in filters.items()):
+                continue
+            cell = naive.setdefault((hour, f.key_name, f.model, f.provider, f.status), [0] * 4)
+            cell[0] += 1
+            cell[1] += f.prompt_tokens or 0
+            cell[2] += f.completion_tokens or 0
+            cell[3] += f.cost_micros
+        got = index.rollups(since=since, until=until, filters=filters)
+        assert {key: cell[:4] for key, cell in got.items()} == naive
+        assert all(sum(cell[4:]) == cell[0] for cell in got.values())

@@ -8,6 +8,7 @@ import orjson
 import trio
 
 from crabtrio.audit.reader import AuditReader
+from crabtrio.audit.rotation import rotated_name
 
 from .records import lines, record
 
@@ -116,3 +117,25 @@ async def test_open_follows_in_the_background(tmp_path) -> None:
         with trio.fail_after(5):
             while len(reader.index) < 5:
                 await trio.sleep(0.01)
+
+
+async def test_the_follower_seals_a_rotated_file_in_a_thread(tmp_path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(lines(5))
+    rotated = rotated_name(str(path), 1_790_000_000.0)
+    async with AuditReader.open(str(path)) as reader:
+        os.rename(path, rotated)
+        path.write_bytes(lines(3, start=5))
+        reader.nudge()
+        with trio.fail_after(5):
+            while not os.path.exists(rotated + ".idx") or len(reader.index) < 8:
+                await trio.sleep(0.01)
+            while reader.index.memory()["mapped_bytes"] == 0:  # swapped for the mapped run
+                await trio.sleep(0.01)
+        assert sorted(ids(reader)) == [f"req-{i:06d}" for i in range(8)]
+    reader = AuditReader(str(path))
+    try:
+        reader.replay()
+        assert reader.sidecars == {"loaded": 1, "rebuilt": 0}
+    finally:
+        reader.close()

@@ -1,0 +1,190 @@
+"""Sidecar index files: a sealed segment's run and rollups, next to it as `<segment>.idx`.
+
+Loaded with mmap, so the workers of a host share one copy through the page cache instead of
+each parsing the JSONL and holding its own. Never trusted blindly: a sidecar is used only if
+its version is ours, its checksum holds and it describes the segment as it is now (size and a
+digest of its first and last 64 KiB); anything else is reported and the caller rebuilds it.
+
+Layout (little-endian): a header; the run's columns (`columns.COLUMNS`), the rollup cells'
+key columns (`rollups.KEY_COLUMNS`) and their values, each at an offset aligned to 64 bytes;
+a JSON block (the string table); a trailer holding the CRC-32 of everything before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import mmap
+import os
+import struct
+import zlib
+
+import numpy as np
+import orjson
+
+from .columns import COLUMNS, NAMES, Run, Strings
+from .index import Segment
+from .rollups import KEY_COLUMNS, VALUES_DTYPE, WIDTH, Rollups
+
+MAGIC = b"CRABIDX\x00"
+VERSION = 1
+SUFFIX = ".idx"
+# magic, version, flags, entries, rollup cells, segment size, segment digest, meta offset
+# and length
+_HEADER = struct.Struct("<8sIIQQQ32sQQ")
+_TRAILER = struct.Struct("<I8s")  # crc32, end magic
+END = b"CRABEND\x00"
+ALIGN = 64
+EDGE = 64 * 1024  # bytes of the segment's head and tail in its identity digest
+
+
+class SidecarError(Exception):
+    """The sidecar cannot be used; the message says why, in a few words."""
+
+
+def path_for(segment_path: str) -> str:
+    return segment_path + SUFFIX
+
+
+def identity(fd: int, size: int) -> bytes:
+    """A digest of a segment's size, first and last EDGE bytes."""
+    digest = hashlib.sha256(size.to_bytes(8, "little"))
+    digest.update(os.pread(fd, min(EDGE, size), 0))
+    if size > EDGE:
+        tail = max(EDGE, size - EDGE)
+        digest.update(os.pread(fd, size - tail, tail))
+    return digest.digest()
+
+
+# Every array a sidecar holds: (name, dtype, items per row, rows from "entries" or "cells").
+_ARRAYS = [
+    *((name, dtype, 1, "entries") for name, dtype in COLUMNS),
+    *((f"cell_{name}", dtype, 1, "cells") for name, dtype in KEY_COLUMNS),
+    ("cell_values", VALUES_DTYPE, WIDTH, "cells"),
+]
+
+
+def _layout(entries: int, cells: int) -> tuple[list[int], int]:
+    offsets, at = [], _HEADER.size
+    rows = {"entries": entries, "cells": cells}
+    for _, dtype, width, counted in _ARRAYS:
+        at += -at % ALIGN
+        offsets.append(at)
+        at += rows[counted] * width * dtype.itemsize
+    return offsets, at
+
+
+def write(segment_path: str, fd: int, size: int, segment: Segment) -> None:
+    """Write the sidecar of a sealed segment (atomically: a temporary file, then a rename)."""
+    run = segment.sealed()
+    count = len(run) if run is not None else 0
+    cell_keys, cell_values = segment.rollups.trimmed()
+    cells = len(cell_values)
+    arrays = {f"cell_{name}": column for name, column in cell_keys.items()}
+    arrays["cell_values"] = cell_values
+    if run is not None:
+        arrays.update(run.columns)
+    offsets, meta_at = _layout(count, cells)
+    meta = orjson.dumps({"strings": segment.strings.values})
+    digest = identity(fd, size)
+    header = _HEADER.pack(MAGIC, VERSION, 0, count, cells, size, digest, meta_at, len(meta))
+    target = path_for(segment_path)
+    temporary = f"{target}.{os.getpid()}.tmp"
+    out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        crc = 0
+        at = 0
+
+        def put(data: bytes | memoryview) -> None:
+            nonlocal crc, at
+            crc = zlib.crc32(data, crc)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out, view) :]
+            at += len(data)
+
+        put(header)
+        for (name, dtype, _, _), offset in zip(_ARRAYS, offsets, strict=True):
+            put(b"\x00" * (offset - at))
+            if name in arrays:
+                put(np.ascontiguousarray(arrays[name], dtype=dtype).tobytes())
+        put(meta)
+        trailer = _TRAILER.pack(crc, END)
+        put(trailer)
+        os.fsync(out)
+    except BaseException:
+        os.close(out)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    os.close(out)
+    os.replace(temporary, target)
+
+
+def load(segment_path: str, fd: int, size: int, source: int) -> Segment:
+    """The segment a valid sidecar describes, its columns mapped; SidecarError otherwise."""
+    try:
+        with open(path_for(segment_path), "rb") as file:
+            _check_crc(file.fileno())
+            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    except FileNotFoundError:
+        raise SidecarError("missing") from None
+    except (OSError, ValueError) as exc:  # ValueError: an empty file cannot be mapped
+        raise SidecarError(f"unreadable ({exc})") from None
+    try:
+        return _parse(mapped, fd, size, source)
+    except SidecarError:
+        mapped.close()
+        raise
+
+
+def _check_crc(sidecar_fd: int) -> None:
+    """Read through the page cache rather than through a mapping, so checking does not make
+    every page resident in this process (only the pages queries touch become so)."""
+    total = os.fstat(sidecar_fd).st_size
+    if total < _HEADER.size + _TRAILER.size:
+        raise SidecarError("truncated")
+    end = total - _TRAILER.size
+    crc, end_magic = _TRAILER.unpack(os.pread(sidecar_fd, _TRAILER.size, end))
+    computed, at = 0, 0
+    while at < end:
+        chunk = os.pread(sidecar_fd, min(1 << 20, end - at), at)
+        if not chunk:
+            raise SidecarError("truncated")
+        computed = zlib.crc32(chunk, computed)
+        at += len(chunk)
+    if end_magic != END or computed != crc:
+        raise SidecarError("checksum mismatch")
+
+
+def _parse(mapped: mmap.mmap, fd: int, size: int, source: int) -> Segment:
+    magic, version, _, count, cells, described, digest, meta_at, meta_length = _HEADER.unpack_from(
+        mapped, 0
+    )
+    if magic != MAGIC:
+        raise SidecarError("not a crabtrio index")
+    if version != VERSION:
+        raise SidecarError(f"version {version}, not {VERSION}")
+    end = len(mapped) - _TRAILER.size
+    if described != size or digest != identity(fd, size):
+        raise SidecarError("describes another file")
+    offsets, expected_meta_at = _layout(count, cells)
+    if meta_at != expected_meta_at or meta_at + meta_length != end:
+        raise SidecarError("inconsistent layout")
+    try:
+        strings = Strings(orjson.loads(mapped[meta_at:end])["strings"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SidecarError(f"bad metadata ({exc})") from None
+    rows = {"entries": count, "cells": cells}
+    arrays = {}
+    for (name, dtype, width, counted), offset in zip(_ARRAYS, offsets, strict=True):
+        items = rows[counted] * width
+        array = (
+            np.frombuffer(mapped, dtype=dtype, count=items, offset=offset)
+            if items
+            else (np.zeros(0, dtype))
+        )
+        arrays[name] = array.reshape(-1, width) if width > 1 else array
+    runs = [Run(source, strings, {name: arrays[name] for name in NAMES})] if count else []
+    keys = {name: arrays[f"cell_{name}"] for name, _ in KEY_COLUMNS}
+    return Segment(source, strings, runs, Rollups(strings, keys, arrays["cell_values"]))
