@@ -207,71 +207,79 @@ def admin_queries(source: Path, workdir: Path, quick: bool) -> dict[str, Any]:
         f"RSS {rss_mb:.0f} MB",
         flush=True,
     )
-    repeats, scans = (50, 1) if quick else (300, 3)
     try:
-        admin = _Admin(gateway.port)
-        # Untimed warm-up: the first queries after a replay of a million records pay for
-        # one-off work (allocator growth, a garbage collection pass over the new index).
-        for _ in range(20):
-            for params in _queries().values():
-                admin.get(params)
-        for name, params in _queries().items():
-            times: list[float] = []
-            first_page = admin.get(params)
-            cursors = [first_page[2]]
-            if name == "cursor pages":
-                # Walk 20 pages deep once, then time fetching each of those pages again.
-                for _ in range(20):
-                    _, _, cursor = admin.get({**params, "before": cursors[-1]})
-                    cursors.append(cursor)
-                cursors = [c for c in cursors if c]
-            # The client's own garbage collector (it decodes a million records for the naive
-            # scan) must not land in the server's percentiles: pause it while timing.
-            gc.collect()
-            gc.disable()
-            try:
-                for i in range(repeats):
-                    page_params = dict(params)
-                    if name == "cursor pages":
-                        page_params["before"] = cursors[i % len(cursors)]
-                    elapsed, _, _ = admin.get(page_params)
-                    times.append(elapsed)
-            finally:
-                gc.enable()
-            # The naive scan of the same file answers the same question.
-            before = _decode_cursor(cursors[0]) if name == "cursor pages" else None
-            probe = dict(params) | ({"before": cursors[0]} if before else {})
-            _, served_page, _ = admin.get(probe)
-            scan_times = []
-            for _ in range(scans):
-                start = time.perf_counter()
-                expected = audit_data.naive_query(served, **_naive_args(params, before))
-                scan_times.append(time.perf_counter() - start)
-            same = [r["request_id"] for r in served_page] == [r["request_id"] for r in expected]
-            scan_s = sorted(scan_times)[len(scan_times) // 2]
-            p99 = percentile(times, 99)
-            entry = {
-                "params": params,
-                "repeats": repeats,
-                "returned": len(served_page),
-                "p50_ms": round(percentile(times, 50) * 1000, 3),
-                "p99_ms": round(p99 * 1000, 3),
-                "max_ms": round(max(times) * 1000, 3),
-                "scan_s": round(scan_s, 3),
-                "scan_runs_s": [round(s, 3) for s in scan_times],
-                "scan_over_p99": round(scan_s / p99, 1),
-                "same_answer": same,
-            }
-            results["queries"][name] = entry
-            print(
-                f"  admin {name}: p50 {entry['p50_ms']:.2f} ms, p99 {entry['p99_ms']:.2f} ms; "
-                f"naive scan {scan_s:.2f}s ({entry['scan_over_p99']:,.0f}x p99)"
-                f"{'' if same else '  ANSWERS DIFFER'}",
-                flush=True,
-            )
+        results["queries"] = admin_query_figures(gateway.port, served, quick)
     finally:
         gateway.stop()
         served.unlink(missing_ok=True)
+    return results
+
+
+def admin_query_figures(port: int, naive_source: Path, quick: bool) -> dict[str, Any]:
+    """Time each admin query against the gateway on `port`; check its answer against the
+    naive scan of `naive_source` (a file holding the same records)."""
+    repeats, scans = (50, 1) if quick else (300, 3)
+    results: dict[str, Any] = {}
+    admin = _Admin(port)
+    # Untimed warm-up: the first queries after a replay of a million records pay for
+    # one-off work (allocator growth, a garbage collection pass over the new index).
+    for _ in range(20):
+        for params in _queries().values():
+            admin.get(params)
+    for name, params in _queries().items():
+        times: list[float] = []
+        first_page = admin.get(params)
+        cursors = [first_page[2]]
+        if name == "cursor pages":
+            # Walk 20 pages deep once, then time fetching each of those pages again.
+            for _ in range(20):
+                _, _, cursor = admin.get({**params, "before": cursors[-1]})
+                cursors.append(cursor)
+            cursors = [c for c in cursors if c]
+        # The client's own garbage collector (it decodes a million records for the naive
+        # scan) must not land in the server's percentiles: pause it while timing.
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(repeats):
+                page_params = dict(params)
+                if name == "cursor pages":
+                    page_params["before"] = cursors[i % len(cursors)]
+                elapsed, _, _ = admin.get(page_params)
+                times.append(elapsed)
+        finally:
+            gc.enable()
+        # The naive scan of the same file answers the same question.
+        before = _decode_cursor(cursors[0]) if name == "cursor pages" else None
+        probe = dict(params) | ({"before": cursors[0]} if before else {})
+        _, served_page, _ = admin.get(probe)
+        scan_times = []
+        for _ in range(scans):
+            start = time.perf_counter()
+            expected = audit_data.naive_query(naive_source, **_naive_args(params, before))
+            scan_times.append(time.perf_counter() - start)
+        same = [r["request_id"] for r in served_page] == [r["request_id"] for r in expected]
+        scan_s = sorted(scan_times)[len(scan_times) // 2]
+        p99 = percentile(times, 99)
+        entry = {
+            "params": params,
+            "repeats": repeats,
+            "returned": len(served_page),
+            "p50_ms": round(percentile(times, 50) * 1000, 3),
+            "p99_ms": round(p99 * 1000, 3),
+            "max_ms": round(max(times) * 1000, 3),
+            "scan_s": round(scan_s, 3),
+            "scan_runs_s": [round(s, 3) for s in scan_times],
+            "scan_over_p99": round(scan_s / p99, 1),
+            "same_answer": same,
+        }
+        results[name] = entry
+        print(
+            f"  admin {name}: p50 {entry['p50_ms']:.2f} ms, p99 {entry['p99_ms']:.2f} ms; "
+            f"naive scan {scan_s:.2f}s ({entry['scan_over_p99']:,.0f}x p99)"
+            f"{'' if same else '  ANSWERS DIFFER'}",
+            flush=True,
+        )
     return results
 
 

@@ -255,6 +255,25 @@ def check_targets(results: dict[str, Any], summary: dict[str, Any]) -> list[Chec
         ("crabtrio-baseline",),
         lambda: cpu_against_baseline("stream", 1.0),
     )
+
+    # Issue 9 (audit index at scale): `make bench` (QUICK=1: 1M records instead of 10M).
+    def scale(figure: str, target: str, good: Callable[[Any], bool], unit: str = "") -> None:
+        def check() -> tuple[str, str, bool | None]:
+            found = results["audit_scale"]
+            value = found
+            for part in figure.split("/"):
+                value = value[part]
+            text = f"{value}{unit} ({found['records']:,} records)"
+            return text, target, good(value) if found["records"] >= 10_000_000 else None
+
+        add(9, f"audit at scale: {figure}", (), check)
+
+    scale("rss_bytes_per_record", "<= 64 B", lambda v: v <= 64, " B")
+    scale("startup_s", "<= 3 s", lambda v: v <= 3, " s")
+    scale("pss_two_over_one", "<= 1.3x", lambda v: v <= 1.3, "x")
+    for query in ("key (selective)", "model", "time range (1 h)", "cursor pages"):
+        scale(f"admin/{query}/p99_ms", "<= 2 ms", lambda v: v <= 2, " ms")
+    scale("rollups/by key per day, 30 days/max_ms", "<= 20 ms", lambda v: v <= 20, " ms")
     return checks
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import audit_bench
+import audit_scale
 import chart
 import markdown
 import peers
@@ -255,6 +256,8 @@ def main() -> int:
         if not args.no_audit:
             print("audit log figures...", flush=True)
             results["audit"] = audit_bench.run(RESULTS / "cache", workdir, args.quick)
+            print("audit at scale...", flush=True)
+            results["audit_scale"] = audit_scale.run(RESULTS / "cache", workdir, args.quick)
     finally:
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         shutil.rmtree(workdir, ignore_errors=True)

@@ -24,6 +24,8 @@ from .rotation import rotated_siblings
 log = logging.getLogger("crabtrio.audit")
 
 POLL_SECONDS = 0.2
+# The active file's index is checkpointed to its sidecar every this many new entries.
+CHECKPOINT_RECORDS = 100_000
 MAX_LINE = (1 << 24) - 1  # no record is longer (the writer's own limit is far below)
 READ_CHUNK = MAX_LINE + 1  # a chunk without a newline holds no valid line
 
@@ -67,6 +69,8 @@ class AuditReader:
         self.sidecars = {"loaded": 0, "rebuilt": 0}
         # Rotated files read to their end, to seal (sort, write the sidecar) off the loop.
         self._to_seal: list[_Source] = []
+        self.checkpoints = {"loaded": 0, "written": 0}
+        self._checkpointed = 0  # entries of the active file when it was last checkpointed
 
     @classmethod
     @asynccontextmanager
@@ -91,8 +95,55 @@ class AuditReader:
                 self._load_sealed(source)
         source = self._open_source(self.path)
         if source is not None:
+            self._resume(source)
             self._read_bulk(source, final=False)
+            self._checkpointed = len(self.index.segment(source.number))
         self._active = source
+
+    def _resume(self, source: _Source) -> None:
+        """Start the active file from its checkpoint, if one describes its first bytes (it
+        is stale after each rotation, and then simply not used)."""
+        size = os.fstat(source.fd).st_size
+        try:
+            segment, described = sidecar.load(
+                source.path, source.fd, size, source.number, prefix=True
+            )
+        except sidecar.SidecarError:
+            return
+        segment.rollups = segment.rollups.writable()  # it goes on growing
+        self.index.put(segment)
+        source.offset = described
+        self.checkpoints["loaded"] += 1
+
+    def checkpoint(self) -> None:
+        """Write the active file's checkpoint now, in this thread (tools and benchmarks)."""
+        source = self._active
+        if source is not None:
+            segment = self.index.segment(source.number)
+            snapshot = sidecar.Snapshot(segment, source.offset)
+            sidecar.write(sidecar.path_for(source.path), source.fd, snapshot)
+            self._checkpointed = len(segment)
+            self.checkpoints["written"] += 1
+
+    async def _checkpoint(self) -> None:
+        """Every CHECKPOINT_RECORDS new entries, write the active file's index as a sidecar
+        (`<path>.idx`) in a worker thread, so a restart reads only what came after it."""
+        source = self._active
+        if source is None or source.path != self.path:
+            return
+        segment = self.index.segment(source.number)
+        if len(segment) - self._checkpointed < CHECKPOINT_RECORDS:
+            return
+        self._checkpointed = len(segment)
+        snapshot = sidecar.Snapshot(segment, source.offset)
+        try:
+            await trio.to_thread.run_sync(
+                sidecar.write, sidecar.path_for(source.path), source.fd, snapshot
+            )
+        except OSError as exc:
+            log.warning("audit: cannot write the index checkpoint of %s (%s)", self.path, exc)
+            return
+        self.checkpoints["written"] += 1
 
     def _read_bulk(self, source: _Source, *, final: bool) -> None:
         segment = self.index.segment(source.number)
@@ -108,7 +159,7 @@ class AuditReader:
         new sidecar and mapped from there (so every worker shares the pages)."""
         size = os.fstat(source.fd).st_size
         try:
-            segment = sidecar.load(source.path, source.fd, size, source.number)
+            segment, _ = sidecar.load(source.path, source.fd, size, source.number)
         except sidecar.SidecarError as exc:
             log.warning(
                 "audit: rebuilding the index of %s from its lines (sidecar %s)",
@@ -130,8 +181,9 @@ class AuditReader:
         segment = self.index.segment(source.number)
         size = source.offset
         try:
-            sidecar.write(source.path, source.fd, size, segment)
-            self.index.put(sidecar.load(source.path, source.fd, size, source.number))
+            snapshot = sidecar.Snapshot(segment, size)
+            sidecar.write(sidecar.path_for(source.path), source.fd, snapshot)
+            self.index.put(sidecar.load(source.path, source.fd, size, source.number)[0])
         except (OSError, sidecar.SidecarError) as exc:
             log.warning(
                 "audit: cannot write the index sidecar of %s (%s); keeping it in memory",
@@ -163,6 +215,7 @@ class AuditReader:
                 log.warning("audit: the index reads %s again", self.path)
                 self.failure = None
             await self._seal_rotated()
+            await self._checkpoint()
 
     async def _seal_rotated(self) -> None:
         """Seal in a worker thread: sorting a 256 MB segment's entries and writing its
@@ -199,6 +252,7 @@ class AuditReader:
                 active.path = renamed
                 self._to_seal.append(active)
         self._active = self._open_source(self.path)
+        self._checkpointed = 0
         if self._active is not None:
             self._read_logged(self._active)
         self._forget_deleted()
@@ -206,7 +260,7 @@ class AuditReader:
     def _seal_or_load(self, source: _Source) -> None:
         """Another worker may have sealed it first: use its sidecar if it is valid."""
         try:
-            segment = sidecar.load(source.path, source.fd, source.offset, source.number)
+            segment, _ = sidecar.load(source.path, source.fd, source.offset, source.number)
         except sidecar.SidecarError:
             self._seal(source)
         else:

@@ -25,14 +25,7 @@ BUCKETS = len(LATENCY_BOUNDS_MS) + 1
 REQUESTS, PROMPT, COMPLETION, COST, HISTOGRAM = 0, 1, 2, 3, 4
 WIDTH = HISTOGRAM + BUCKETS
 DIMENSIONS = ("key", "model", "provider", "status")
-# (name, dtype) of the cell key columns, in the order a sidecar stores them.
-KEY_COLUMNS: tuple[tuple[str, Any], ...] = (
-    ("hour", np.dtype("<i8")),
-    ("key", np.dtype("<u4")),
-    ("model", np.dtype("<u4")),
-    ("provider", np.dtype("<u4")),
-    ("status", np.dtype("<u2")),
-)
+KEY_WIDTH = 1 + len(DIMENSIONS)  # a cell's key: hour start (ms), key, model, provider, status
 VALUES_DTYPE = np.dtype("<i8")
 # Per-record values are clipped so that sums of billions of them stay inside int64.
 MAX_TOKENS = 2**31
@@ -45,28 +38,37 @@ def latency_bucket(latency_ms: int) -> int:
     return int(np.searchsorted(LATENCY_BOUNDS_MS, latency_ms, "left"))
 
 
-class Rollups:
-    """The cells of one file. Grows by batches (the active file) or is loaded whole."""
+def _summed(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One row per distinct key row, its values summed."""
+    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+    sums = np.zeros((len(unique), values.shape[1]), VALUES_DTYPE)
+    np.add.at(sums, inverse.reshape(-1), values)
+    return unique, sums
 
-    __slots__ = ("_rows", "keys", "size", "strings", "values")
+
+class Rollups:
+    """The cells of one file: `keys` (int64 rows of KEY_WIDTH: hour start, string-table codes
+    of key, model and provider, status) and `values` (int64 rows of WIDTH), one row per
+    distinct key. A growing file's batches are kept as partial cells and summed into the
+    others when they are as many (no per-cell lookup on the way in)."""
+
+    __slots__ = ("_pending", "_pending_rows", "keys", "strings", "values")
 
     def __init__(
         self,
         strings: Strings,
-        keys: dict[str, np.ndarray] | None = None,
+        keys: np.ndarray | None = None,
         values: np.ndarray | None = None,
     ) -> None:
         self.strings = strings
-        if keys is None or values is None:
-            keys = {name: np.zeros(0, dtype) for name, dtype in KEY_COLUMNS}
-            values = np.zeros((0, WIDTH), VALUES_DTYPE)
-        self.keys = keys
-        self.values = values
-        self.size = len(values)
-        self._rows: dict[tuple[int, ...], int] | None = None  # built when first added to
+        self.keys = keys if keys is not None else np.zeros((0, KEY_WIDTH), np.int64)
+        self.values = values if values is not None else np.zeros((0, WIDTH), VALUES_DTYPE)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_rows = 0
 
     def __len__(self) -> int:
-        return self.size
+        self.compact()
+        return len(self.values)
 
     def add(
         self,
@@ -78,59 +80,32 @@ class Rollups:
         latency: np.ndarray,
     ) -> None:
         """Count a batch of records (ts in ms; codes for key, model, provider; status)."""
-        hours = ts - ts % HOUR_MS
-        batch = np.stack([hours, *(codes[name].astype(np.int64) for name in DIMENSIONS)], axis=1)
-        unique, inverse = np.unique(batch, axis=0, return_inverse=True)
-        rows = np.fromiter(
-            (self._row(cell) for cell in map(tuple, unique.tolist())), np.int64, len(unique)
+        keys = np.stack([ts - ts % HOUR_MS, *(codes[name] for name in DIMENSIONS)], axis=1)
+        values = np.zeros((len(ts), WIDTH), VALUES_DTYPE)
+        values[:, REQUESTS] = 1
+        values[:, PROMPT] = prompt
+        values[:, COMPLETION] = completion
+        values[:, COST] = cost
+        values[np.arange(len(ts)), HISTOGRAM + np.searchsorted(LATENCY_BOUNDS_MS, latency)] = 1
+        keys, values = _summed(keys.astype(np.int64), values)
+        self._pending.append((keys, values))
+        self._pending_rows += len(keys)
+        if self._pending_rows >= max(4096, len(self.values)):
+            self.compact()
+
+    def compact(self) -> None:
+        if not self._pending:
+            return
+        parts = [(self.keys, self.values), *self._pending]
+        self._pending, self._pending_rows = [], 0
+        self.keys, self.values = _summed(
+            np.concatenate([k for k, _ in parts]), np.concatenate([v for _, v in parts])
         )
-        at = rows[inverse.reshape(-1)]
-        values = self.values
-        np.add.at(values[:, REQUESTS], at, 1)
-        np.add.at(values[:, PROMPT], at, prompt)
-        np.add.at(values[:, COMPLETION], at, completion)
-        np.add.at(values[:, COST], at, cost)
-        buckets = np.searchsorted(LATENCY_BOUNDS_MS, latency, "left")
-        np.add.at(values, (at, HISTOGRAM + buckets), 1)
 
-    def _row(self, cell: tuple[int, ...]) -> int:
-        if self._rows is None:
-            self._rows = {
-                tuple(row): i
-                for i, row in enumerate(
-                    zip(
-                        *(self.keys[name][: self.size].tolist() for name, _ in KEY_COLUMNS),
-                        strict=True,
-                    )
-                )
-            }
-        found = self._rows.get(cell)
-        if found is not None:
-            return found
-        if self.size == len(self.values):
-            self._grow()
-        row = self.size
-        for (name, _), value in zip(KEY_COLUMNS, cell, strict=True):
-            self.keys[name][row] = value
-        self.size += 1
-        self._rows[cell] = row
-        return row
-
-    def _grow(self) -> None:
-        capacity = max(64, 2 * len(self.values))
-        keys = {}
-        for name, dtype in KEY_COLUMNS:
-            keys[name] = np.zeros(capacity, dtype)
-            keys[name][: self.size] = self.keys[name][: self.size]
-        values = np.zeros((capacity, WIDTH), VALUES_DTYPE)
-        values[: self.size] = self.values[: self.size]
-        self.keys, self.values = keys, values
-
-    def trimmed(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The cells without spare capacity (what a sidecar stores)."""
-        return {name: self.keys[name][: self.size] for name, _ in KEY_COLUMNS}, self.values[
-            : self.size
-        ]
+    def writable(self) -> Rollups:
+        """A copy that can grow (these cells may be mapped read-only from a sidecar)."""
+        self.compact()
+        return Rollups(self.strings, self.keys.copy(), self.values.copy())
 
     def select(
         self,
@@ -141,44 +116,69 @@ class Rollups:
         interval: int | None,
     ) -> dict[tuple[Any, ...], np.ndarray]:
         """Summed values per group: (bucket start or None, *the group_by values)."""
-        size = self.size
-        hours = self.keys["hour"][:size]
-        mask = np.ones(size, bool)
+        self.compact()
+        keys = self.keys
+        hours = keys[:, 0]
+        mask = np.ones(len(keys), bool)
         if since is not None:
             mask &= hours >= since - since % HOUR_MS
         if until is not None:
             mask &= hours <= until
         for name, value in filters.items():
-            if name == "status":
-                mask &= self.keys["status"][:size] == value
-                continue
-            code = self.strings.codes.get(value)
-            if code is None:
-                return {}
-            mask &= self.keys[name][:size] == code
+            column = 1 + DIMENSIONS.index(name)
+            if name != "status":
+                value = self.strings.codes.get(value)
+                if value is None:
+                    return {}
+            mask &= keys[:, column] == value
         rows = np.flatnonzero(mask)
         if not len(rows):
             return {}
-        columns = []
+        values = self.values[rows]
+        columns = [keys[rows, 1 + DIMENSIONS.index(name)] for name in group_by]
         if interval is not None:
-            columns.append(hours[rows] - hours[rows] % interval)
-        columns += [self.keys[name][:size][rows].astype(np.int64) for name in group_by]
-        values = self.values[:size][rows]
+            columns.insert(0, hours[rows] // interval)
         if not columns:
             return {(None,): values.sum(axis=0)}
-        unique, inverse = np.unique(np.stack(columns, axis=1), axis=0, return_inverse=True)
-        sums = np.zeros((len(unique), WIDTH), VALUES_DTYPE)
-        np.add.at(sums, inverse.reshape(-1), values)
+        groups, sums = _grouped(columns, values)
         strings = self.strings.values
         out = {}
-        for group, total in zip(unique.tolist(), sums, strict=True):
-            bucket = group.pop(0) if interval is not None else None
+        for parts, total in zip(groups, sums, strict=True):
+            bucket = parts.pop(0) * interval if interval is not None else None
             named = tuple(
                 value if name == "status" else strings[value]
-                for name, value in zip(group_by, group, strict=True)
+                for name, value in zip(group_by, parts, strict=True)
             )
             out[(bucket, *named)] = total
         return out
+
+
+def _grouped(columns: list[np.ndarray], values: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
+    """The distinct rows of `columns` and the sums of `values` over each. One integer per
+    row (mixed radix over each column's range), then bincount: far cheaper than sorting rows;
+    exact while a sum stays below 2**53."""
+    bases = [(int(column.min()), int(column.max()) - int(column.min()) + 1) for column in columns]
+    if np.prod([float(span) for _, span in bases]) >= 2**62:  # no room: sort the rows
+        unique, sums = _summed(np.stack(columns, axis=1), values)
+        return unique.tolist(), sums
+    group = np.zeros(len(values), np.int64)
+    for column, (low, span) in zip(columns, bases, strict=True):
+        group = group * span + (column - low)
+    present, inverse = np.unique(group, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    sums = np.stack(
+        [np.bincount(inverse, values[:, i], len(present)) for i in range(values.shape[1])],
+        axis=1,
+    ).astype(VALUES_DTYPE)
+    rows = []
+    for number in present.tolist():
+        parts = []
+        for low, span in reversed(bases):
+            number, digit = divmod(number, span)
+            parts.append(low + digit)
+        parts.reverse()
+        rows.append(parts)
+    return rows, sums
 
 
 def select(

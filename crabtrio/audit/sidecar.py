@@ -24,7 +24,7 @@ import orjson
 
 from .columns import COLUMNS, NAMES, Run, Strings
 from .index import Segment
-from .rollups import KEY_COLUMNS, VALUES_DTYPE, WIDTH, Rollups
+from .rollups import KEY_WIDTH, VALUES_DTYPE, WIDTH, Rollups
 
 MAGIC = b"CRABIDX\x00"
 VERSION = 1
@@ -59,7 +59,7 @@ def identity(fd: int, size: int) -> bytes:
 # Every array a sidecar holds: (name, dtype, items per row, rows from "entries" or "cells").
 _ARRAYS = [
     *((name, dtype, 1, "entries") for name, dtype in COLUMNS),
-    *((f"cell_{name}", dtype, 1, "cells") for name, dtype in KEY_COLUMNS),
+    ("cell_keys", np.dtype("<i8"), KEY_WIDTH, "cells"),
     ("cell_values", VALUES_DTYPE, WIDTH, "cells"),
 ]
 
@@ -74,21 +74,40 @@ def _layout(entries: int, cells: int) -> tuple[list[int], int]:
     return offsets, at
 
 
-def write(segment_path: str, fd: int, size: int, segment: Segment) -> None:
-    """Write the sidecar of a sealed segment (atomically: a temporary file, then a rename)."""
-    run = segment.sealed()
+class Snapshot:
+    """What a sidecar stores, fixed at one moment: the entries of the first `size` bytes of a
+    file as one run, its string table and its rollup cells (copies: the file's live index
+    goes on growing while a worker thread writes the snapshot)."""
+
+    def __init__(self, segment: Segment, size: int) -> None:
+        self.size = size
+        self.strings = list(segment.strings.values)
+        segment.flush()
+        self._runs = list(segment.runs)
+        segment.rollups.compact()  # (later batches make new arrays: these stay as they are)
+        self.cell_keys, self.cell_values = segment.rollups.keys, segment.rollups.values
+
+    def run(self) -> Run | None:
+        """The entries as one run (merged here, in the writing thread)."""
+        if len(self._runs) > 1:
+            self._runs = [Run.merged(self._runs)]
+        return self._runs[0] if self._runs else None
+
+
+def write(target: str, fd: int, snapshot: Snapshot) -> None:
+    """Write a sidecar for the file at `fd` (atomically: a temporary file, then a rename)."""
+    run = snapshot.run()
+    size = snapshot.size
     count = len(run) if run is not None else 0
-    cell_keys, cell_values = segment.rollups.trimmed()
+    cell_keys, cell_values = snapshot.cell_keys, snapshot.cell_values
     cells = len(cell_values)
-    arrays = {f"cell_{name}": column for name, column in cell_keys.items()}
-    arrays["cell_values"] = cell_values
+    arrays = {"cell_keys": cell_keys, "cell_values": cell_values}
     if run is not None:
         arrays.update(run.columns)
     offsets, meta_at = _layout(count, cells)
-    meta = orjson.dumps({"strings": segment.strings.values})
+    meta = orjson.dumps({"strings": snapshot.strings})
     digest = identity(fd, size)
     header = _HEADER.pack(MAGIC, VERSION, 0, count, cells, size, digest, meta_at, len(meta))
-    target = path_for(segment_path)
     temporary = f"{target}.{os.getpid()}.tmp"
     out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     try:
@@ -121,8 +140,12 @@ def write(segment_path: str, fd: int, size: int, segment: Segment) -> None:
     os.replace(temporary, target)
 
 
-def load(segment_path: str, fd: int, size: int, source: int) -> Segment:
-    """The segment a valid sidecar describes, its columns mapped; SidecarError otherwise."""
+def load(
+    segment_path: str, fd: int, size: int, source: int, *, prefix: bool = False
+) -> tuple[Segment, int]:
+    """The segment a valid sidecar describes, its columns mapped, and the size of the file
+    it describes; SidecarError otherwise. `prefix`: the sidecar may describe the file's
+    first bytes only (a checkpoint of the active file), not necessarily all `size` of them."""
     try:
         with open(path_for(segment_path), "rb") as file:
             _check_crc(file.fileno())
@@ -132,7 +155,7 @@ def load(segment_path: str, fd: int, size: int, source: int) -> Segment:
     except (OSError, ValueError) as exc:  # ValueError: an empty file cannot be mapped
         raise SidecarError(f"unreadable ({exc})") from None
     try:
-        return _parse(mapped, fd, size, source)
+        return _parse(mapped, fd, size, source, prefix)
     except SidecarError:
         mapped.close()
         raise
@@ -157,7 +180,7 @@ def _check_crc(sidecar_fd: int) -> None:
         raise SidecarError("checksum mismatch")
 
 
-def _parse(mapped: mmap.mmap, fd: int, size: int, source: int) -> Segment:
+def _parse(mapped: mmap.mmap, fd: int, size: int, source: int, prefix: bool) -> tuple[Segment, int]:
     magic, version, _, count, cells, described, digest, meta_at, meta_length = _HEADER.unpack_from(
         mapped, 0
     )
@@ -166,7 +189,7 @@ def _parse(mapped: mmap.mmap, fd: int, size: int, source: int) -> Segment:
     if version != VERSION:
         raise SidecarError(f"version {version}, not {VERSION}")
     end = len(mapped) - _TRAILER.size
-    if described != size or digest != identity(fd, size):
+    if (described > size if prefix else described != size) or digest != identity(fd, described):
         raise SidecarError("describes another file")
     offsets, expected_meta_at = _layout(count, cells)
     if meta_at != expected_meta_at or meta_at + meta_length != end:
@@ -186,5 +209,6 @@ def _parse(mapped: mmap.mmap, fd: int, size: int, source: int) -> Segment:
         )
         arrays[name] = array.reshape(-1, width) if width > 1 else array
     runs = [Run(source, strings, {name: arrays[name] for name in NAMES})] if count else []
-    keys = {name: arrays[f"cell_{name}"] for name, _ in KEY_COLUMNS}
-    return Segment(source, strings, runs, Rollups(strings, keys, arrays["cell_values"]))
+    rollups = Rollups(strings, arrays["cell_keys"], arrays["cell_values"])
+    segment = Segment(source, strings, runs, rollups)
+    return segment, described

@@ -174,3 +174,35 @@ def test_rollups_match_a_naive_sum() -> None:
         got = index.rollups(since=since, until=until, filters=filters)
         assert {key: cell[:4] for key, cell in got.items()} == naive
         assert all(sum(cell[4:]) == cell[0] for cell in got.values())
+
+
+def test_grouped_rollups_match_a_naive_sum() -> None:
+    index = AuditIndex()
+    rng = random.Random(9)
+    rows: list[IndexedFields] = []
+    for i in range(0, 6000, 300):  # batches, several files
+        batch = [fields(rng, 86_400_000 * 3 + rng.randrange(0, 9 * 86_400_000)) for _ in range(300)]
+        index.segment(i % 3).add(batch, list(range(300)), [100] * 300)
+        rows += batch
+    day = 86_400_000
+    for group_by, interval, filters in [
+        (("key",), day, {}),
+        (("model", "status"), 3_600_000, {"provider": "q"}),
+        ((), None, {"key": "k2"}),
+        (("provider",), None, {}),
+    ]:
+        naive: dict[tuple[Any, ...], list[int]] = {}
+        for f in rows:
+            values = {"key": f.key_name, "model": f.model, "provider": f.provider}
+            values["status"] = f.status  # type: ignore[assignment]
+            if any(values[k] != v for k, v in filters.items()):
+                continue
+            bucket = None if interval is None else f.timestamp - f.timestamp % interval
+            group = (bucket, *(values[name] for name in group_by))
+            cell = naive.setdefault(group, [0, 0, 0, 0])
+            cell[0] += 1
+            cell[1] += f.prompt_tokens or 0
+            cell[2] += f.completion_tokens or 0
+            cell[3] += f.cost_micros
+        got = index.rollups(filters=filters, group_by=group_by, interval=interval)
+        assert {group: cell[:4] for group, cell in got.items()} == naive, group_by

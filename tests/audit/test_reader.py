@@ -7,6 +7,7 @@ import os
 import orjson
 import trio
 
+from crabtrio.audit import reader as reader_module
 from crabtrio.audit.reader import AuditReader
 from crabtrio.audit.rotation import rotated_name
 
@@ -139,3 +140,48 @@ async def test_the_follower_seals_a_rotated_file_in_a_thread(tmp_path) -> None:
         assert reader.sidecars == {"loaded": 1, "rebuilt": 0}
     finally:
         reader.close()
+
+
+async def test_the_active_file_is_checkpointed_and_a_restart_reads_only_the_tail(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(reader_module, "CHECKPOINT_RECORDS", 10)
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b"")
+    async with AuditReader.open(str(path)) as reader:
+        with open(path, "ab") as f:
+            f.write(lines(25))
+        reader.nudge()
+        with trio.fail_after(5):
+            while reader.checkpoints["written"] < 1:
+                await trio.sleep(0.01)
+    with open(path, "ab") as f:
+        f.write(lines(5, start=25))  # after the checkpoint
+    restarted = AuditReader(str(path))
+    try:
+        restarted.replay()
+        assert restarted.checkpoints["loaded"] == 1
+        assert restarted.index.memory()["mapped_bytes"] > 0
+        assert ids(restarted) == [f"req-{i:06d}" for i in reversed(range(30))]
+    finally:
+        restarted.close()
+    # A damaged checkpoint, or one of the file as it was before being replaced, is simply
+    # not used.
+    checkpoint = tmp_path / "a.jsonl.idx"
+    good = checkpoint.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2] ^= 0xFF
+    checkpoint.write_bytes(bytes(damaged))
+    replaced = tmp_path / "b.jsonl"
+    replaced.write_bytes(lines(40, start=100))
+    for expected in (list(range(30)), list(range(100, 140))):
+        again = AuditReader(str(path))
+        try:
+            again.replay()
+            assert again.checkpoints["loaded"] == 0
+            assert ids(again) == [f"req-{i:06d}" for i in reversed(expected)]
+        finally:
+            again.close()
+        if replaced.exists():  # then: a valid checkpoint, of the file before it was replaced
+            checkpoint.write_bytes(good)
+            os.replace(replaced, path)

@@ -219,7 +219,7 @@ def replayed(active: Path) -> AuditReader:
 def load_sidecar(segment: Path) -> Segment:
     fd = os.open(segment, os.O_RDONLY)
     try:
-        return sidecar.load(str(segment), fd, os.fstat(fd).st_size, 0)
+        return sidecar.load(str(segment), fd, os.fstat(fd).st_size, 0)[0]
     finally:
         os.close(fd)
 
