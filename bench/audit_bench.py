@@ -172,9 +172,15 @@ class _Admin:
     """Keep-alive GETs to /v1/admin/logs with the admin token."""
 
     def __init__(self, port: int) -> None:
+        self.port = port
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.idle_since = time.monotonic()
 
     def get(self, params: dict[str, Any]) -> tuple[float, list[dict[str, Any]], str | None]:
+        if time.monotonic() - self.idle_since > 2:  # the server closes idle connections (5 s)
+            self.conn.close()
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            self.conn.connect()
         start = time.perf_counter()
         self.conn.request(
             "GET",
@@ -183,6 +189,7 @@ class _Admin:
         )
         response = self.conn.getresponse()
         body = response.read()
+        self.idle_since = time.monotonic()
         elapsed = time.perf_counter() - start
         if response.status != 200:
             raise RuntimeError(f"admin query {params} answered {response.status}: {body[:200]!r}")

@@ -36,7 +36,7 @@ async def health() -> Response:
     written (chat is refused meanwhile) or its index cannot follow the file."""
     svc = current_services()
     if svc.audit.enabled:
-        stats = svc.audit_statistics()
+        stats = svc.audit.statistics()
         healthy, audit = stats.healthy, stats.to_dict()
     else:
         healthy, audit = True, {"state": "disabled"}

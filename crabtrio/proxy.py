@@ -203,7 +203,7 @@ async def _forward(
             request.plan, UPSTREAM_PATHS[endpoint], orjson.dumps(request.body), pending.set_provider
         )
         pending.set_usage(_usage_of(content))
-        await _recorded(svc, pending.finish(200))
+        await svc.audit.settle(pending.finish(200))
         await _send_json(send, 200, content)
     except GatewayError as exc:
         await _send_error(svc, send, pending, exc)
@@ -218,9 +218,7 @@ async def _stream(svc: Services, send: Send, pending: PendingRecord, request: _R
         body["stream_options"] = {**(options if isinstance(options, dict) else {})}
         body["stream_options"]["include_usage"] = True
     opened = await svc.upstream.open_stream(request.plan, orjson.dumps(body), pending.set_provider)
-    events = relay(
-        opened, pending, wants_usage=wants_usage, wait_recorded=lambda s: _recorded(svc, s)
-    )
+    events = relay(opened, pending, wants_usage=wants_usage, wait_recorded=svc.audit.settle)
     try:
         async with aclosing(events):
             await send({"type": "http.response.start", "status": 200, "headers": list(_SSE)})
@@ -231,20 +229,9 @@ async def _stream(svc: Services, send: Send, pending: PendingRecord, request: _R
         await opened.aclose()  # shielded: also after a client left or the server cut us off
 
 
-async def _recorded(svc: Services, sequence: int) -> None:
-    """Refuse to answer once the audit log has failed (its writer died); in `sync = "always"`
-    mode, hold the response until its record is fsynced."""
-    if svc.audit.failed:
-        raise Unavailable(
-            "the audit log failed and cannot record this request", code="audit_failed"
-        )
-    if svc.config.audit.sync == "always" and sequence:
-        await svc.audit.wait_durable(sequence)
-
-
 async def _send_error(svc: Services, send: Send, pending: PendingRecord, exc: GatewayError) -> None:
     try:
-        await _recorded(svc, pending.finish(exc.status, str(exc)))
+        await svc.audit.settle(pending.finish(exc.status, str(exc)))
     except GatewayError as durability:  # the error's own record could not be made durable
         exc = durability
     await _send_json(send, exc.status, exc.body_bytes())

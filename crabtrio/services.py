@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import httpx
 from quart import current_app
 
-from .audit import AuditLogger, AuditReader, AuditStatistics
+from .audit import AuditLog
 from .auth import KeyRing
 from .config import Config
 from .providers import Upstreams
@@ -22,20 +22,8 @@ class Services:
     config: Config
     router: Router
     keys: KeyRing
-    audit: AuditLogger
-    reader: AuditReader | None
+    audit: AuditLog
     upstream: Upstreams
-
-    def audit_statistics(self) -> AuditStatistics:
-        stats = self.audit.statistics()
-        if self.reader is not None:
-            stats.corrupt_lines_skipped = self.reader.corrupt_lines
-            stats.indexed_records = len(self.reader.index)
-            stats.sidecars_loaded = self.reader.sidecars["loaded"]
-            stats.sidecars_rebuilt = self.reader.sidecars["rebuilt"]
-            if self.reader.failure is not None:
-                stats.index_state, stats.index_reason = "degraded", self.reader.failure
-        return stats
 
 
 @asynccontextmanager
@@ -47,11 +35,7 @@ async def open_services(
     Raises OSError when the audit file cannot be opened for appending.
     """
     async with AsyncExitStack() as stack:
-        audit = await stack.enter_async_context(AuditLogger.open(config.audit))
-        reader = None
-        if audit.enabled:
-            reader = await stack.enter_async_context(AuditReader.open(config.audit.path))
-            audit.on_written = reader.nudge
+        audit = await stack.enter_async_context(AuditLog.open(config.audit))
         client = await stack.enter_async_context(
             UpstreamClient.open(config.providers.values(), transport=transport)
         )
@@ -64,7 +48,6 @@ async def open_services(
             router=Router(config),
             keys=KeyRing(config.keys),
             audit=audit,
-            reader=reader,
             upstream=upstream,
         )
 

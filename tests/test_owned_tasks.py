@@ -85,10 +85,10 @@ async def test_an_index_that_cannot_read_degrades_and_recovers(tmp_path, monkeyp
     real_catch_up = AuditReader.catch_up
     broken = True
 
-    def flaky_catch_up(self: AuditReader) -> None:
+    def flaky_catch_up(self: AuditReader, budget: int | None = None) -> bool:
         if broken:
             raise OSError(errno.EIO, "Input/output error")
-        real_catch_up(self)
+        return real_catch_up(self, budget)
 
     async with gateway(tmp_path) as gw:
         monkeypatch.setattr(AuditReader, "catch_up", flaky_catch_up)

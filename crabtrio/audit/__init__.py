@@ -1,6 +1,7 @@
 """The audit log: records, the JSONL file, its sorted index and the writer that feeds them."""
 
 from .index import AuditIndex as AuditIndex, Page as Page
+from .log import AuditLog as AuditLog
 from .pending import PendingRecord as PendingRecord
 from .reader import AuditReader as AuditReader
 from .record import AuditRecord as AuditRecord

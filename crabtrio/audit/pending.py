@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import Pricing
 from .record import AuditRecord, clip, cost_micros
-from .writer import AuditLogger
+
+
+class Recorder(Protocol):
+    """Where a finished record goes (the AuditLog, or its writer)."""
+
+    def record(self, record: AuditRecord) -> int: ...
+
 
 # Largest token count taken from an upstream's `usage`, per request and field: the largest
 # context windows are ~10**7 tokens, so 10**9 leaves 100x headroom while any cost computed
@@ -41,7 +47,7 @@ class PendingRecord:
 
     def __init__(
         self,
-        logger: AuditLogger,
+        logger: Recorder,
         pricing: Mapping[str, Pricing],
         request_id: str,
         endpoint: str,

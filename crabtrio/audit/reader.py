@@ -24,6 +24,8 @@ from .rotation import rotated_siblings
 log = logging.getLogger("crabtrio.audit")
 
 POLL_SECONDS = 0.2
+# What the follower reads and indexes at most between two chances for requests to run.
+CATCH_UP_BYTES = 1 << 20
 # The active file's index is checkpointed to its sidecar every this many new entries.
 CHECKPOINT_RECORDS = 100_000
 MAX_LINE = (1 << 24) - 1  # no record is longer (the writer's own limit is far below)
@@ -149,7 +151,7 @@ class AuditReader:
         segment = self.index.segment(source.number)
         segment.bulk = True
         try:
-            _warn_corrupt(self._read_new(source, final=final), source.path)
+            self._read_logged(source, final=final)
         finally:
             segment.bulk = False
             segment.flush()
@@ -204,7 +206,7 @@ class AuditReader:
                 await self._nudged.wait()
             self._nudged = trio.Event()
             try:
-                self.catch_up()
+                await self.caught_up()
             except OSError as exc:
                 reason = f"cannot read {self.path}: {exc.strerror or exc}"
                 if reason != self.failure:
@@ -236,15 +238,23 @@ class AuditReader:
             self.index.segment(source.number).flush()  # nothing is buffered from now on
         return live
 
-    def catch_up(self) -> None:
-        """Index what was appended since the last call; switch files after a rotation."""
+    async def caught_up(self) -> None:
+        """`catch_up` in bounded steps, letting requests run between them (a backlog of
+        100 MB is 400k records to decode: seconds of CPU)."""
+        while self.catch_up(budget=CATCH_UP_BYTES):
+            await trio.sleep(0)
+
+    def catch_up(self, budget: int | None = None) -> bool:
+        """Index what was appended since the last call; switch files after a rotation.
+        With a `budget` (bytes), stop after about that much and return True if more is due."""
         active = self._active
         if active is not None:
-            self._read_logged(active)
+            if self._read_logged(active, budget=budget):
+                return True
             with contextlib.suppress(OSError):
                 if os.stat(self.path).st_ino == active.ino:
                     self._forget_deleted()
-                    return
+                    return False
             # The path was rotated or deleted: finish the old file, then pick up the new one.
             self._read_logged(active, final=True)
             renamed = _renamed(self.path, active.fd)
@@ -253,9 +263,8 @@ class AuditReader:
                 self._to_seal.append(active)
         self._active = self._open_source(self.path)
         self._checkpointed = 0
-        if self._active is not None:
-            self._read_logged(self._active)
         self._forget_deleted()
+        return self._active is not None and self._read_logged(self._active, budget=budget)
 
     def _seal_or_load(self, source: _Source) -> None:
         """Another worker may have sealed it first: use its sidecar if it is valid."""
@@ -307,22 +316,43 @@ class AuditReader:
                 if os.fstat(source.fd).st_nlink == 0:
                     self._drop(number)
 
-    def _read_logged(self, source: _Source, *, final: bool = False) -> None:
-        _warn_corrupt(self._read_new(source, final=final), source.path)
-
-    def _read_new(self, source: _Source, *, final: bool) -> CorruptLines:
-        """Index the complete lines after `source.offset`; `final`: give up on a partial tail."""
+    def _read_logged(
+        self, source: _Source, *, final: bool = False, budget: int | None = None
+    ) -> bool:
         corrupt = CorruptLines()
+        more = self._read_new(source, corrupt, final=final, budget=budget)
+        _warn_corrupt(corrupt, source.path)
+        return more
+
+    def _read_new(
+        self,
+        source: _Source,
+        corrupt: CorruptLines,
+        *,
+        final: bool,
+        budget: int | None = None,
+    ) -> bool:
+        """Index the complete lines after `source.offset`; `final`: give up on a partial tail.
+        With a `budget`, stop after about that many bytes; True if complete lines remain."""
         size = os.fstat(source.fd).st_size
         if size < source.offset:
             log.warning("audit: %s shrank from outside; re-reading it", source.path)
             self.index.put(Segment(source.number))
             source.offset = 0
+        progressed = False
         while source.offset < size:
-            data = os.pread(source.fd, min(READ_CHUNK, size - source.offset), source.offset)
+            if budget is not None and budget <= 0:
+                return True
+            whole = min(READ_CHUNK, size - source.offset)
+            data = os.pread(source.fd, min(whole, budget or whole), source.offset)
+            end = data.rfind(b"\n") + 1
+            if end == 0 and len(data) < whole:  # the budget cut a line short
+                if progressed:
+                    return True  # the rest next time
+                data = os.pread(source.fd, whole, source.offset)  # a long line: read it all
+                end = data.rfind(b"\n") + 1
             if not data:
                 break
-            end = data.rfind(b"\n") + 1
             if end == 0:
                 if len(data) < READ_CHUNK:
                     break  # an incomplete last line: wait for the rest
@@ -338,12 +368,15 @@ class AuditReader:
                 continue
             self._index_lines(source, data[:end], corrupt)
             source.offset += end
+            progressed = True
+            if budget is not None:
+                budget -= end
         if final and source.offset < size:
             if not source.skipping:
                 corrupt.add(source.offset)
             source.offset = size
         self.corrupt_lines += corrupt.count
-        return corrupt
+        return False
 
     def _index_lines(self, source: _Source, data: bytes, corrupt: CorruptLines) -> None:
         """Index whole lines (`data` ends with a newline); count the ones that are not records."""

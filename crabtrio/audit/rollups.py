@@ -8,7 +8,7 @@ sidecar); key, model and provider are codes of the segment's string table.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,9 @@ REQUESTS, PROMPT, COMPLETION, COST, HISTOGRAM = 0, 1, 2, 3, 4
 WIDTH = HISTOGRAM + BUCKETS
 DIMENSIONS = ("key", "model", "provider", "status")
 KEY_WIDTH = 1 + len(DIMENSIONS)  # a cell's key: hour start (ms), key, model, provider, status
-VALUES_DTYPE = np.dtype("<i8")
+# float64: what bincount sums in anyway (exact for integers below 2**53).
+VALUES_DTYPE = np.dtype("<f8")
+_FAR = 2**62  # an unbounded end of a time range
 # Per-record values are clipped so that sums of billions of them stay inside int64.
 MAX_TOKENS = 2**31
 MAX_COST = 2**40  # micro-USD: $1.1M for one request
@@ -39,36 +41,44 @@ def latency_bucket(latency_ms: int) -> int:
 
 
 def _summed(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One row per distinct key row, its values summed."""
+    """One row per distinct key row, and per value column the sums over each."""
     unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-    sums = np.zeros((len(unique), values.shape[1]), VALUES_DTYPE)
-    np.add.at(sums, inverse.reshape(-1), values)
-    return unique, sums
+    return unique, _sums(inverse.reshape(-1), values, len(unique))
+
+
+def _sums(group: np.ndarray, values: np.ndarray, groups: int) -> np.ndarray:
+    """Per value column (a row of `values`), the sums over each group number. bincount
+    works in float64: exact while a sum stays below 2**53."""
+    return np.stack([np.bincount(group, column, groups) for column in values]).astype(VALUES_DTYPE)
 
 
 class Rollups:
     """The cells of one file: `keys` (int64 rows of KEY_WIDTH: hour start, string-table codes
-    of key, model and provider, status) and `values` (int64 rows of WIDTH), one row per
-    distinct key. A growing file's batches are kept as partial cells and summed into the
-    others when they are as many (no per-cell lookup on the way in)."""
+    of key, model and provider, status) and `values` (WIDTH int64 columns, stored as rows so
+    that each is contiguous), one cell per distinct key. A growing file's batches are kept as
+    partial cells and summed into the others when they are as many (no per-cell lookup on
+    the way in)."""
 
-    __slots__ = ("_pending", "_pending_rows", "keys", "strings", "values")
+    __slots__ = ("_days", "_pending", "_pending_rows", "keys", "strings", "values")
 
     def __init__(
         self,
         strings: Strings,
         keys: np.ndarray | None = None,
         values: np.ndarray | None = None,
+        days: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.strings = strings
+        # The same cells summed per day (column 0 the day's start): what long ranges read.
+        self._days = days
         self.keys = keys if keys is not None else np.zeros((0, KEY_WIDTH), np.int64)
-        self.values = values if values is not None else np.zeros((0, WIDTH), VALUES_DTYPE)
+        self.values = values if values is not None else np.zeros((WIDTH, 0), VALUES_DTYPE)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._pending_rows = 0
 
     def __len__(self) -> int:
         self.compact()
-        return len(self.values)
+        return int(self.values.shape[1])
 
     def add(
         self,
@@ -81,16 +91,16 @@ class Rollups:
     ) -> None:
         """Count a batch of records (ts in ms; codes for key, model, provider; status)."""
         keys = np.stack([ts - ts % HOUR_MS, *(codes[name] for name in DIMENSIONS)], axis=1)
-        values = np.zeros((len(ts), WIDTH), VALUES_DTYPE)
-        values[:, REQUESTS] = 1
-        values[:, PROMPT] = prompt
-        values[:, COMPLETION] = completion
-        values[:, COST] = cost
-        values[np.arange(len(ts)), HISTOGRAM + np.searchsorted(LATENCY_BOUNDS_MS, latency)] = 1
+        values = np.zeros((WIDTH, len(ts)), VALUES_DTYPE)
+        values[REQUESTS] = 1
+        values[PROMPT] = prompt
+        values[COMPLETION] = completion
+        values[COST] = cost
+        values[HISTOGRAM + np.searchsorted(LATENCY_BOUNDS_MS, latency), np.arange(len(ts))] = 1
         keys, values = _summed(keys.astype(np.int64), values)
         self._pending.append((keys, values))
         self._pending_rows += len(keys)
-        if self._pending_rows >= max(4096, len(self.values)):
+        if self._pending_rows >= max(4096, self.values.shape[1]):
             self.compact()
 
     def compact(self) -> None:
@@ -98,14 +108,22 @@ class Rollups:
             return
         parts = [(self.keys, self.values), *self._pending]
         self._pending, self._pending_rows = [], 0
+        self._days = None
         self.keys, self.values = _summed(
-            np.concatenate([k for k, _ in parts]), np.concatenate([v for _, v in parts])
+            np.concatenate([k for k, _ in parts]), np.concatenate([v for _, v in parts], axis=1)
         )
 
     def writable(self) -> Rollups:
         """A copy that can grow (these cells may be mapped read-only from a sidecar)."""
         self.compact()
         return Rollups(self.strings, self.keys.copy(), self.values.copy())
+
+    def daily(self) -> tuple[np.ndarray, np.ndarray]:
+        """The cells summed per day (computed once; a sidecar stores them)."""
+        self.compact()
+        if self._days is None:
+            self._days = by_day(self.keys, self.values)
+        return self._days
 
     def select(
         self,
@@ -117,59 +135,99 @@ class Rollups:
     ) -> dict[tuple[Any, ...], np.ndarray]:
         """Summed values per group: (bucket start or None, *the group_by values)."""
         self.compact()
-        keys = self.keys
-        hours = keys[:, 0]
-        mask = np.ones(len(keys), bool)
-        if since is not None:
-            mask &= hours >= since - since % HOUR_MS
-        if until is not None:
-            mask &= hours <= until
-        for name, value in filters.items():
-            column = 1 + DIMENSIONS.index(name)
-            if name != "status":
-                value = self.strings.codes.get(value)
-                if value is None:
-                    return {}
-            mask &= keys[:, column] == value
-        rows = np.flatnonzero(mask)
-        if not len(rows):
-            return {}
-        values = self.values[rows]
-        columns = [keys[rows, 1 + DIMENSIONS.index(name)] for name in group_by]
+        start = -_FAR if since is None else since - since % HOUR_MS
+        end = _FAR if until is None else until - until % HOUR_MS + HOUR_MS  # exclusive
+        parts = []
+        first, last = -(-start // DAY_MS) * DAY_MS, end - end % DAY_MS  # whole days inside
+        if (interval is None or interval % DAY_MS == 0) and first < last:
+            parts.append(_within(*self.daily(), first, last))
+            parts.append(_within(self.keys, self.values, start, first))
+            parts.append(_within(self.keys, self.values, last, end))
+        else:
+            parts.append(_within(self.keys, self.values, start, end))
+        out: dict[tuple[Any, ...], np.ndarray] = {}
+        for keys, values in parts:
+            for group, total in self._grouped(keys, values, filters, group_by, interval):
+                found = out.get(group)
+                out[group] = total if found is None else found + total
+        return out
+
+    def _grouped(
+        self,
+        keys: np.ndarray,
+        values: np.ndarray,
+        filters: dict[str, Any],
+        group_by: Sequence[str],
+        interval: int | None,
+    ) -> Iterator[tuple[tuple[Any, ...], np.ndarray]]:
+        if filters:
+            mask = np.ones(len(keys), bool)
+            for name, value in filters.items():
+                if name != "status":
+                    value = self.strings.codes.get(value)
+                    if value is None:
+                        return
+                mask &= keys[:, 1 + DIMENSIONS.index(name)] == value
+            rows = np.flatnonzero(mask)
+            keys, values = keys[rows], values[:, rows]
+        if not len(keys):
+            return
+        columns = [keys[:, 1 + DIMENSIONS.index(name)] for name in group_by]
         if interval is not None:
-            columns.insert(0, hours[rows] // interval)
+            columns.insert(0, keys[:, 0] // interval)
         if not columns:
-            return {(None,): values.sum(axis=0)}
+            yield (None,), values.sum(axis=1)
+            return
         groups, sums = _grouped(columns, values)
         strings = self.strings.values
-        out = {}
-        for parts, total in zip(groups, sums, strict=True):
+        for parts, total in zip(groups, sums.T, strict=True):
             bucket = parts.pop(0) * interval if interval is not None else None
             named = tuple(
                 value if name == "status" else strings[value]
                 for name, value in zip(group_by, parts, strict=True)
             )
-            out[(bucket, *named)] = total
-        return out
+            yield (bucket, *named), total
+
+
+def by_day(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hourly cells summed per day."""
+    days = keys.copy()
+    days[:, 0] -= days[:, 0] % DAY_MS
+    return _summed(days, values)
+
+
+def _within(
+    keys: np.ndarray, values: np.ndarray, start: int, end: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The cells whose time (column 0, sorted) is in [start, end)."""
+    times = keys[:, 0]
+    lo, hi = np.searchsorted(times, start), np.searchsorted(times, end)
+    return keys[lo:hi], values[:, lo:hi]
 
 
 def _grouped(columns: list[np.ndarray], values: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
-    """The distinct rows of `columns` and the sums of `values` over each. One integer per
-    row (mixed radix over each column's range), then bincount: far cheaper than sorting rows;
-    exact while a sum stays below 2**53."""
+    """The distinct rows of `columns` and, per value column, the sums over each. One integer
+    per row (mixed radix over each column's range) to bincount: far cheaper than sorting."""
     bases = [(int(column.min()), int(column.max()) - int(column.min()) + 1) for column in columns]
     if np.prod([float(span) for _, span in bases]) >= 2**62:  # no room: sort the rows
         unique, sums = _summed(np.stack(columns, axis=1), values)
         return unique.tolist(), sums
-    group = np.zeros(len(values), np.int64)
+    group = np.zeros(values.shape[1], np.int64)
     for column, (low, span) in zip(columns, bases, strict=True):
         group = group * span + (column - low)
-    present, inverse = np.unique(group, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    sums = np.stack(
-        [np.bincount(inverse, values[:, i], len(present)) for i in range(values.shape[1])],
-        axis=1,
-    ).astype(VALUES_DTYPE)
+    space = int(np.prod([span for _, span in bases]))
+    if len(group) > 1 and bool(np.all(group[1:] >= group[:-1])):
+        # Already in group order (cells are sorted by time, key, ...): sum each run.
+        starts = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1])))
+        present = group[starts]
+        sums = np.add.reduceat(values, starts, axis=1)
+    elif space <= 4 * values.shape[1]:  # few possible groups: count into all of them
+        sums = _sums(group, values, space)
+        present = np.flatnonzero(sums[REQUESTS])
+        sums = sums[:, present]
+    else:
+        present, inverse = np.unique(group, return_inverse=True)
+        sums = _sums(inverse.reshape(-1), values, len(present))
     rows = []
     for number in present.tolist():
         parts = []
@@ -199,4 +257,4 @@ def select(
         for group, total in rollups.select(since, until, filters, group_by, interval).items():
             found = out.get(group)
             out[group] = total if found is None else found + total
-    return {group: total.tolist() for group, total in out.items()}
+    return {group: np.rint(total).astype(np.int64).tolist() for group, total in out.items()}

@@ -24,14 +24,14 @@ import orjson
 
 from .columns import COLUMNS, NAMES, Run, Strings
 from .index import Segment
-from .rollups import KEY_WIDTH, VALUES_DTYPE, WIDTH, Rollups
+from .rollups import KEY_WIDTH, VALUES_DTYPE, WIDTH, Rollups, by_day
 
 MAGIC = b"CRABIDX\x00"
-VERSION = 1
+VERSION = 2  # 2: rollup values stored by column
 SUFFIX = ".idx"
-# magic, version, flags, entries, rollup cells, segment size, segment digest, meta offset
-# and length
-_HEADER = struct.Struct("<8sIIQQQ32sQQ")
+# magic, version, flags, entries, hourly and daily rollup cells, segment size, segment
+# digest, meta offset and length
+_HEADER = struct.Struct("<8sIIQQQQ32sQQ")
 _TRAILER = struct.Struct("<I8s")  # crc32, end magic
 END = b"CRABEND\x00"
 ALIGN = 64
@@ -61,12 +61,14 @@ _ARRAYS = [
     *((name, dtype, 1, "entries") for name, dtype in COLUMNS),
     ("cell_keys", np.dtype("<i8"), KEY_WIDTH, "cells"),
     ("cell_values", VALUES_DTYPE, WIDTH, "cells"),
+    ("day_keys", np.dtype("<i8"), KEY_WIDTH, "days"),
+    ("day_values", VALUES_DTYPE, WIDTH, "days"),
 ]
 
 
-def _layout(entries: int, cells: int) -> tuple[list[int], int]:
+def _layout(entries: int, cells: int, days: int) -> tuple[list[int], int]:
     offsets, at = [], _HEADER.size
-    rows = {"entries": entries, "cells": cells}
+    rows = {"entries": entries, "cells": cells, "days": days}
     for _, dtype, width, counted in _ARRAYS:
         at += -at % ALIGN
         offsets.append(at)
@@ -100,14 +102,17 @@ def write(target: str, fd: int, snapshot: Snapshot) -> None:
     size = snapshot.size
     count = len(run) if run is not None else 0
     cell_keys, cell_values = snapshot.cell_keys, snapshot.cell_values
-    cells = len(cell_values)
+    cells = len(cell_keys)
+    day_keys, day_values = by_day(cell_keys, cell_values)
+    days = len(day_keys)
     arrays = {"cell_keys": cell_keys, "cell_values": cell_values}
+    arrays |= {"day_keys": day_keys, "day_values": day_values}
     if run is not None:
         arrays.update(run.columns)
-    offsets, meta_at = _layout(count, cells)
+    offsets, meta_at = _layout(count, cells, days)
     meta = orjson.dumps({"strings": snapshot.strings})
     digest = identity(fd, size)
-    header = _HEADER.pack(MAGIC, VERSION, 0, count, cells, size, digest, meta_at, len(meta))
+    header = _HEADER.pack(MAGIC, VERSION, 0, count, cells, days, size, digest, meta_at, len(meta))
     temporary = f"{target}.{os.getpid()}.tmp"
     out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     try:
@@ -181,9 +186,8 @@ def _check_crc(sidecar_fd: int) -> None:
 
 
 def _parse(mapped: mmap.mmap, fd: int, size: int, source: int, prefix: bool) -> tuple[Segment, int]:
-    magic, version, _, count, cells, described, digest, meta_at, meta_length = _HEADER.unpack_from(
-        mapped, 0
-    )
+    header = _HEADER.unpack_from(mapped, 0)
+    magic, version, _, count, cells, days, described, digest, meta_at, meta_length = header
     if magic != MAGIC:
         raise SidecarError("not a crabtrio index")
     if version != VERSION:
@@ -191,14 +195,14 @@ def _parse(mapped: mmap.mmap, fd: int, size: int, source: int, prefix: bool) -> 
     end = len(mapped) - _TRAILER.size
     if (described > size if prefix else described != size) or digest != identity(fd, described):
         raise SidecarError("describes another file")
-    offsets, expected_meta_at = _layout(count, cells)
+    offsets, expected_meta_at = _layout(count, cells, days)
     if meta_at != expected_meta_at or meta_at + meta_length != end:
         raise SidecarError("inconsistent layout")
     try:
         strings = Strings(orjson.loads(mapped[meta_at:end])["strings"])
     except (ValueError, TypeError, KeyError) as exc:
         raise SidecarError(f"bad metadata ({exc})") from None
-    rows = {"entries": count, "cells": cells}
+    rows = {"entries": count, "cells": cells, "days": days}
     arrays = {}
     for (name, dtype, width, counted), offset in zip(_ARRAYS, offsets, strict=True):
         items = rows[counted] * width
@@ -207,8 +211,13 @@ def _parse(mapped: mmap.mmap, fd: int, size: int, source: int, prefix: bool) -> 
             if items
             else (np.zeros(0, dtype))
         )
-        arrays[name] = array.reshape(-1, width) if width > 1 else array
+        if name in ("cell_values", "day_values"):  # one row per value column
+            array = array.reshape(width, -1)
+        elif width > 1:
+            array = array.reshape(-1, width)
+        arrays[name] = array
     runs = [Run(source, strings, {name: arrays[name] for name in NAMES})] if count else []
-    rollups = Rollups(strings, arrays["cell_keys"], arrays["cell_values"])
+    days_cells = (arrays["day_keys"], arrays["day_values"])
+    rollups = Rollups(strings, arrays["cell_keys"], arrays["cell_values"], days_cells)
     segment = Segment(source, strings, runs, rollups)
     return segment, described

@@ -184,15 +184,22 @@ def test_grouped_rollups_match_a_naive_sum() -> None:
         batch = [fields(rng, 86_400_000 * 3 + rng.randrange(0, 9 * 86_400_000)) for _ in range(300)]
         index.segment(i % 3).add(batch, list(range(300)), [100] * 300)
         rows += batch
-    day = 86_400_000
-    for group_by, interval, filters in [
-        (("key",), day, {}),
-        (("model", "status"), 3_600_000, {"provider": "q"}),
-        ((), None, {"key": "k2"}),
-        (("provider",), None, {}),
+    day, hour = 86_400_000, 3_600_000
+    partial = {"since": 4 * day + 5 * hour + 7, "until": 9 * day + 2 * hour + 1}  # mid-hour
+    for group_by, interval, filters, bounds in [
+        (("key",), day, {}, {}),
+        (("key",), day, {}, partial),  # whole days from daily cells, the edges from hourly
+        (("model", "status"), hour, {"provider": "q"}, partial),
+        ((), None, {"key": "k2"}, {}),
+        ((), None, {}, partial),
+        (("provider",), None, {}, {"since": 6 * day}),
+        (("provider",), None, {}, {"until": 6 * day - 1}),
     ]:
         naive: dict[tuple[Any, ...], list[int]] = {}
+        low = bounds.get("since", 0) - bounds.get("since", 0) % hour
         for f in rows:
+            if f.timestamp < low or f.timestamp - f.timestamp % hour > bounds.get("until", 2**62):
+                continue
             values = {"key": f.key_name, "model": f.model, "provider": f.provider}
             values["status"] = f.status  # type: ignore[assignment]
             if any(values[k] != v for k, v in filters.items()):
@@ -204,5 +211,6 @@ def test_grouped_rollups_match_a_naive_sum() -> None:
             cell[1] += f.prompt_tokens or 0
             cell[2] += f.completion_tokens or 0
             cell[3] += f.cost_micros
-        got = index.rollups(filters=filters, group_by=group_by, interval=interval)
-        assert {group: cell[:4] for group, cell in got.items()} == naive, group_by
+        got = index.rollups(filters=filters, group_by=group_by, interval=interval, **bounds)
+        assert {group: cell[:4] for group, cell in got.items()} == naive, (group_by, bounds)
+        assert all(sum(cell[4:]) == cell[0] for cell in got.values())

@@ -185,3 +185,23 @@ async def test_the_active_file_is_checkpointed_and_a_restart_reads_only_the_tail
         if replaced.exists():  # then: a valid checkpoint, of the file before it was replaced
             checkpoint.write_bytes(good)
             os.replace(replaced, path)
+
+
+def test_a_backlog_is_indexed_in_bounded_steps(tmp_path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b"")
+    reader = AuditReader(str(path))
+    try:
+        reader.replay()
+        with open(path, "ab") as f:
+            f.write(lines(100))
+        line = len(record(0).to_line())  # the shortest of them
+        steps, indexed = 0, 0
+        while reader.catch_up(budget=10 * line):
+            steps += 1
+            assert 1 <= len(reader.index) - indexed <= 10  # no more than the budget holds
+            indexed = len(reader.index)
+        assert len(reader.index) == 100 and steps >= 9
+        assert ids(reader) == [f"req-{i:06d}" for i in reversed(range(100))]
+    finally:
+        reader.close()

@@ -1,0 +1,139 @@
+"""AuditLog: the audit log as the rest of the gateway sees it, one object.
+
+It owns the writer (`AuditLogger`) and the reader with its index (`AuditReader`), wires the
+one to the other, and answers what routes ask: may a request start, what its record's
+durability requires before the answer, which records match a query, what the rollups sum to,
+and how the log is doing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from ..config import AuditConfig
+from ..errors import Unavailable
+from .columns import Cursor
+from .reader import AuditReader
+from .record import AuditRecord
+from .rollups import DIMENSIONS, HOUR_MS
+from .writer import AuditLogger, AuditStatistics
+
+# How long a query waits for this process's accepted records to be written (read your writes).
+READ_YOUR_WRITES_SECONDS = 1.0
+# Pages with more lines than this are read from the file in a worker thread.
+THREADED_READ_LINES = 200
+
+
+class AuditLog:
+    def __init__(self, config: AuditConfig, writer: AuditLogger, reader: AuditReader | None):
+        self.config = config
+        self._writer = writer
+        self._reader = reader
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: AuditConfig) -> AsyncIterator[AuditLog]:
+        """Open the file for appending (OSError if it cannot be), replay it into the index,
+        and run the writer and the follower until the block exits."""
+        async with AuditLogger.open(config) as writer:
+            if not writer.enabled:
+                yield cls(config, writer, None)
+                return
+            async with AuditReader.open(config.path) as reader:
+                writer.on_written = reader.nudge
+                yield cls(config, writer, reader)
+
+    @property
+    def enabled(self) -> bool:
+        return self._writer.enabled
+
+    def record(self, record: AuditRecord) -> int:
+        """Queue a record; its sequence number for `settle`. Never blocks."""
+        return self._writer.record(record)
+
+    def admit(self) -> bool:
+        """Whether a new request may start (the log can record it)."""
+        return self._writer.admit()
+
+    async def settle(self, sequence: int) -> None:
+        """What must hold before a request's answer goes out: the log has not failed, and in
+        `sync = "always"` mode its record is fsynced. Raises Unavailable otherwise."""
+        if self._writer.failed:
+            raise Unavailable(
+                "the audit log failed and cannot record this request", code="audit_failed"
+            )
+        if self.config.sync == "always" and sequence:
+            await self._writer.wait_durable(sequence)
+
+    def fail(self, reason: str) -> None:
+        """Mark the log failed (a task it depends on died): nothing more is answered."""
+        self._writer.fail(reason)
+
+    async def query(
+        self,
+        *,
+        filters: dict[str, Any] | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        before: Cursor | None = None,
+        limit: int = 100,
+    ) -> tuple[list[bytes], Cursor | None]:
+        """The matching records' lines, newest first, and the cursor of the next page.
+        Records this process accepted are written and indexed first (read your writes)."""
+        reader = await self._current()
+        page = reader.index.query(
+            filters=filters, since=since, until=until, before=before, limit=limit
+        )
+        if len(page.locations) > THREADED_READ_LINES:
+            lines = await trio.to_thread.run_sync(reader.read_lines, page.locations)
+        else:
+            lines = reader.read_lines(page.locations)
+        return lines, page.next_cursor
+
+    async def rollups(
+        self,
+        *,
+        since: int | None = None,
+        until: int | None = None,
+        filters: dict[str, Any] | None = None,
+        group_by: Sequence[str] = DIMENSIONS,
+        interval: int | None = HOUR_MS,
+    ) -> dict[tuple[Any, ...], list[int]]:
+        """Summed rollup cells (see `rollups.select`), this process's records included."""
+        reader = await self._current()
+        return reader.index.rollups(
+            since=since, until=until, filters=filters, group_by=group_by, interval=interval
+        )
+
+    def statistics(self) -> AuditStatistics:
+        stats = self._writer.statistics()
+        reader = self._reader
+        if reader is not None:
+            stats.corrupt_lines_skipped = reader.corrupt_lines
+            stats.indexed_records = len(reader.index)
+            stats.sidecars_loaded = reader.sidecars["loaded"]
+            stats.sidecars_rebuilt = reader.sidecars["rebuilt"]
+            if reader.failure is not None:
+                stats.index_state, stats.index_reason = "degraded", reader.failure
+        return stats
+
+    async def _current(self) -> AuditReader:
+        """The reader, its index holding every record this process accepted so far."""
+        reader = self._reader
+        if reader is None:
+            raise Unavailable(
+                "the audit log is disabled in this configuration", code="audit_disabled"
+            )
+        await self._writer.wait_written(timeout=READ_YOUR_WRITES_SECONDS)
+        try:
+            await reader.caught_up()
+        except OSError as exc:  # the follower retries it and /health says so meanwhile
+            raise Unavailable(
+                f"the audit index cannot read the log: {exc.strerror or type(exc).__name__}",
+                code="audit_index_unavailable",
+            ) from None
+        return reader
