@@ -161,7 +161,12 @@ def run(cache_dir: Path, workdir: Path, quick: bool) -> dict[str, Any]:
     empty.write_bytes(b"")
     config = crabtrio_config(None, empty, builtin_mock=True)
     baseline = start_crabtrio("crabtrio-empty", config, workdir)
-    base_rss = max(m["rss"] for m in _group(baseline.process))  # the worker's
+    idle = _group(baseline.process)
+    base_rss = max(m["rss"] for m in idle)  # the worker's
+    empty_pss_one = sum(m["pss"] for m in idle)
+    baseline.stop()
+    baseline = start_crabtrio("crabtrio-empty-2", config, workdir, workers=2)
+    empty_pss_two = sum(m["pss"] for m in _group(baseline.process))
     baseline.stop()
 
     config = crabtrio_config(None, active, builtin_mock=True)
@@ -193,9 +198,16 @@ def run(cache_dir: Path, workdir: Path, quick: bool) -> dict[str, Any]:
     results["pss_one_mb"] = round(pss_one / 1024)
     results["pss_two_mb"] = round(pss_two / 1024)
     results["pss_two_over_one"] = round(pss_two / pss_one, 2)
+    # What the index and the records add, over the same gateways serving an empty log: each
+    # worker's own interpreter (~60 MB, private) weighs more than a shared 10M-record index.
+    index_one, index_two = pss_one - empty_pss_one, pss_two - empty_pss_two
+    results["index_pss_one_mb"] = round(index_one / 1024)
+    results["index_pss_two_mb"] = round(index_two / 1024)
+    results["index_pss_two_over_one"] = round(index_two / index_one, 2)
     print(
         f"  proportional set size: one worker {pss_one / 1024:.0f} MB, two workers "
-        f"{pss_two / 1024:.0f} MB ({pss_two / pss_one:.2f}x)",
+        f"{pss_two / 1024:.0f} MB ({pss_two / pss_one:.2f}x); over an empty log's: "
+        f"{index_one / 1024:.0f} MB and {index_two / 1024:.0f} MB ({index_two / index_one:.2f}x)",
         flush=True,
     )
     rollups = _child("rollups", directory, workdir)

@@ -271,6 +271,7 @@ def check_targets(results: dict[str, Any], summary: dict[str, Any]) -> list[Chec
     scale("rss_bytes_per_record", "<= 64 B", lambda v: v <= 64, " B")
     scale("startup_s", "<= 3 s", lambda v: v <= 3, " s")
     scale("pss_two_over_one", "<= 1.3x", lambda v: v <= 1.3, "x")
+    scale("index_pss_two_over_one", "<= 1.3x", lambda v: v <= 1.3, "x")
     for query in ("key (selective)", "model", "time range (1 h)", "cursor pages"):
         scale(f"admin/{query}/p99_ms", "<= 2 ms", lambda v: v <= 2, " ms")
     scale("rollups/by key per day, 30 days/max_ms", "<= 20 ms", lambda v: v <= 20, " ms")

@@ -57,7 +57,7 @@ class Segment:
         code = self.strings.code
         columns = {
             "ts": np.array([r.timestamp for r in records], np.int64),
-            "rid": np.array([rid_key(r.request_id) for r in records], "S16"),
+            "rid": _rid_keys([r.request_id for r in records]),
             "offset": np.array(offsets, np.int64),
             "length": np.array(lengths, np.uint32),
             "key": _codes([r.key_name for r in records], codes, code),
@@ -104,6 +104,14 @@ def _clipped(values: list[int], limit: int) -> np.ndarray:
         return np.clip(np.array(values, np.int64), 0, limit)
     except OverflowError:
         return np.array([min(max(v, 0), limit) for v in values], np.int64)
+
+
+def _rid_keys(ids: list[str]) -> np.ndarray:
+    """Each id's first 16 bytes; numpy converts ASCII text itself (ours always is)."""
+    try:
+        return np.array(ids, "S16")
+    except UnicodeEncodeError:
+        return np.array([rid_key(i) for i in ids], "S16")
 
 
 def _codes(values: list[str], codes: dict[str, int], code: Any) -> np.ndarray:

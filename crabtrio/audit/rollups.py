@@ -41,9 +41,15 @@ def latency_bucket(latency_ms: int) -> int:
 
 
 def _summed(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One row per distinct key row, and per value column the sums over each."""
-    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-    return unique, _sums(inverse.reshape(-1), values, len(unique))
+    """One row per distinct key row (sorted by column 0, then 1...), and per value column
+    the sums over each. lexsort on the integer columns: np.unique(axis=0) sorts the rows as
+    opaque bytes, 10x slower."""
+    if not len(keys):
+        return keys, values
+    order = np.lexsort(keys.T[::-1])
+    ordered = keys[order]
+    starts = np.flatnonzero(np.concatenate(([True], np.any(ordered[1:] != ordered[:-1], axis=1))))
+    return ordered[starts], np.add.reduceat(values[:, order], starts, axis=1)
 
 
 def _sums(group: np.ndarray, values: np.ndarray, groups: int) -> np.ndarray:

@@ -214,3 +214,14 @@ def test_grouped_rollups_match_a_naive_sum() -> None:
         got = index.rollups(filters=filters, group_by=group_by, interval=interval, **bounds)
         assert {group: cell[:4] for group, cell in got.items()} == naive, (group_by, bounds)
         assert all(sum(cell[4:]) == cell[0] for cell in got.values())
+
+
+def test_a_batch_with_a_non_ascii_request_id_is_indexed_in_order() -> None:
+    index = AuditIndex()
+    rng = random.Random(1)
+    batch = [fields(rng, 1000) for _ in range(3)]
+    batch[1].request_id = "é" * 20  # 40 bytes of UTF-8: ordered by its first 16
+    batch[0].request_id, batch[2].request_id = "a" * 32, "z" * 32
+    index.segment(0).add(batch, [0, 101, 202], [100] * 3)
+    locations = index.query().locations
+    assert [offset for _, offset, _ in locations] == [101, 202, 0]  # "é" > "z" > "a" in UTF-8
