@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Callable
 from functools import partial
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import httpx
 import trio
@@ -75,7 +75,6 @@ def create_app(
     app.url_map.merge_slashes = False
     app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = SHUTDOWN_DRAIN_SECONDS
     app.register_blueprint(api.bp)
-    app.register_blueprint(admin.bp)
     _register_error_handlers(app)
     stop, stopped = trio.Event(), trio.Event()
 
@@ -128,9 +127,10 @@ def create_app(
         svc = app.extensions.get("crabtrio")
         return svc.config.cors_origins if svc is not None else ()
 
-    handlers = {
+    handlers: dict[str, Any] = {
         path: partial(_serve_proxied, services, endpoint) for path, endpoint in proxy.ROUTES.items()
     }
+    handlers[admin.LOGS] = partial(_serve_admin_logs, services)
     app.asgi_app = RequestDispatch(app.asgi_app, handlers, cors_origins)  # type: ignore[method-assign, assignment, arg-type]
     return app
 
@@ -155,6 +155,12 @@ async def _serve_proxied(
     send: proxy.Send,
 ) -> None:
     await proxy.serve(services(), endpoint, scope, receive, send)
+
+
+async def _serve_admin_logs(
+    services: Callable[[], Services], scope: proxy.Scope, receive: proxy.Receive, send: proxy.Send
+) -> None:
+    await admin.serve_logs(services(), scope, receive, send)
 
 
 def _load() -> Config:

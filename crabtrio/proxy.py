@@ -64,7 +64,7 @@ async def serve(svc: Services, endpoint: str, scope: Scope, receive: Receive, se
     by the step that answers, or at the end for a request cut off before it could answer."""
     if scope["method"] != "POST":
         body = error_body(405, "use POST", "invalid_request_error", "method_not_allowed")
-        await _send_json(send, 405, body, [(b"allow", b"POST")])
+        await send_json(send, 405, body, [(b"allow", b"POST")])
         return
     pending = PendingRecord(
         svc.audit, svc.config.pricing, scope[REQUEST_ID], endpoint, scope[STARTED]
@@ -150,11 +150,11 @@ async def _accept(
         raise Unavailable(
             "the audit log cannot record requests right now; retry shortly", code="audit_backlog"
         )
-    key = svc.keys.authenticate(_header(scope, b"authorization"))
+    key = svc.keys.authenticate(header(scope, b"authorization"))
     if key is not None:
         pending.key_name = key.name
     limit = svc.config.max_body_bytes
-    declared = _header(scope, b"content-length")
+    declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes")
     raw = await client.read_body(limit)
@@ -204,7 +204,7 @@ async def _forward(
         )
         pending.set_usage(_usage_of(content))
         await svc.audit.settle(pending.finish(200))
-        await _send_json(send, 200, content)
+        await send_json(send, 200, content)
     except GatewayError as exc:
         await _send_error(svc, send, pending, exc)
 
@@ -234,10 +234,10 @@ async def _send_error(svc: Services, send: Send, pending: PendingRecord, exc: Ga
         await svc.audit.settle(pending.finish(exc.status, str(exc)))
     except GatewayError as durability:  # the error's own record could not be made durable
         exc = durability
-    await _send_json(send, exc.status, exc.body_bytes())
+    await send_json(send, exc.status, exc.body_bytes())
 
 
-async def _send_json(
+async def send_json(
     send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
 ) -> None:
     headers = [*_JSON, (b"content-length", b"%d" % len(body)), *(extra or ())]
@@ -245,7 +245,7 @@ async def _send_json(
     await send({"type": "http.response.body", "body": body})
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
             return value.decode("latin-1")  # type: ignore[no-any-return]

@@ -63,9 +63,10 @@ class Rollups:
     of key, model and provider, status) and `values` (WIDTH int64 columns, stored as rows so
     that each is contiguous), one cell per distinct key. A growing file's batches are kept as
     partial cells and summed into the others when they are as many (no per-cell lookup on
-    the way in)."""
+    the way in). A growing file resumed from a checkpoint counts the checkpoint's cells as
+    its `base` (mapped, shared between workers) and keeps only what came after as its own."""
 
-    __slots__ = ("_days", "_pending", "_pending_rows", "keys", "strings", "values")
+    __slots__ = ("_base", "_days", "_pending", "_pending_rows", "keys", "strings", "values")
 
     def __init__(
         self,
@@ -73,8 +74,10 @@ class Rollups:
         keys: np.ndarray | None = None,
         values: np.ndarray | None = None,
         days: tuple[np.ndarray, np.ndarray] | None = None,
+        base: Rollups | None = None,
     ) -> None:
         self.strings = strings
+        self._base = base
         # The same cells summed per day (column 0 the day's start): what long ranges read.
         self._days = days
         self.keys = keys if keys is not None else np.zeros((0, KEY_WIDTH), np.int64)
@@ -84,7 +87,7 @@ class Rollups:
 
     def __len__(self) -> int:
         self.compact()
-        return int(self.values.shape[1])
+        return int(self.values.shape[1]) + (len(self._base) if self._base is not None else 0)
 
     def add(
         self,
@@ -120,9 +123,14 @@ class Rollups:
         )
 
     def writable(self) -> Rollups:
-        """A copy that can grow (these cells may be mapped read-only from a sidecar)."""
+        """Rollups that can grow, counting these (which may be mapped read-only) as a base."""
+        return Rollups(self.strings, base=self)
+
+    def parts(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(keys, values) of every part: the base's, then these cells."""
         self.compact()
-        return Rollups(self.strings, self.keys.copy(), self.values.copy())
+        base = self._base.parts() if self._base is not None else []
+        return [*base, (self.keys, self.values)] if len(self.keys) else base
 
     def daily(self) -> tuple[np.ndarray, np.ndarray]:
         """The cells summed per day (computed once; a sidecar stores them)."""
@@ -152,6 +160,8 @@ class Rollups:
         else:
             parts.append(_within(self.keys, self.values, start, end))
         out: dict[tuple[Any, ...], np.ndarray] = {}
+        if self._base is not None:
+            out = self._base.select(since, until, filters, group_by, interval)
         for keys, values in parts:
             for group, total in self._grouped(keys, values, filters, group_by, interval):
                 found = out.get(group)
@@ -193,6 +203,15 @@ class Rollups:
                 for name, value in zip(group_by, parts, strict=True)
             )
             yield (bucket, *named), total
+
+
+def merged(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Several parts' cells as one (summed where they share a key)."""
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return np.zeros((0, KEY_WIDTH), np.int64), np.zeros((WIDTH, 0), VALUES_DTYPE)
+    return _summed(np.concatenate([k for k, _ in parts]), np.concatenate([v for _, v in parts], 1))
 
 
 def by_day(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ import orjson
 
 from .columns import COLUMNS, NAMES, Run, Strings
 from .index import Segment
-from .rollups import KEY_WIDTH, VALUES_DTYPE, WIDTH, Rollups, by_day
+from .rollups import KEY_WIDTH, VALUES_DTYPE, WIDTH, Rollups, by_day, merged
 
 MAGIC = b"CRABIDX\x00"
 VERSION = 2  # 2: rollup values stored by column
@@ -86,8 +86,11 @@ class Snapshot:
         self.strings = list(segment.strings.values)
         segment.flush()
         self._runs = list(segment.runs)
-        segment.rollups.compact()  # (later batches make new arrays: these stay as they are)
-        self.cell_keys, self.cell_values = segment.rollups.keys, segment.rollups.values
+        # (Later batches make new arrays: these stay as they are; merged in the thread.)
+        self._cells = segment.rollups.parts()
+
+    def cells(self) -> tuple[np.ndarray, np.ndarray]:
+        return merged(self._cells)
 
     def run(self) -> Run | None:
         """The entries as one run (merged here, in the writing thread)."""
@@ -101,7 +104,7 @@ def write(target: str, fd: int, snapshot: Snapshot) -> None:
     run = snapshot.run()
     size = snapshot.size
     count = len(run) if run is not None else 0
-    cell_keys, cell_values = snapshot.cell_keys, snapshot.cell_values
+    cell_keys, cell_values = snapshot.cells()
     cells = len(cell_keys)
     day_keys, day_values = by_day(cell_keys, cell_values)
     days = len(day_keys)

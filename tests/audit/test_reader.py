@@ -9,6 +9,7 @@ import trio
 
 from crabtrio.audit import reader as reader_module
 from crabtrio.audit.reader import AuditReader
+from crabtrio.audit.record import decode_fields
 from crabtrio.audit.rotation import rotated_name
 
 from .records import lines, record
@@ -163,6 +164,13 @@ async def test_the_active_file_is_checkpointed_and_a_restart_reads_only_the_tail
         assert restarted.checkpoints["loaded"] == 1
         assert restarted.index.memory()["mapped_bytes"] > 0
         assert ids(restarted) == [f"req-{i:06d}" for i in reversed(range(30))]
+        # The checkpoint's cells (mapped) and the tail's (its own) are counted once each.
+        fields = decode_fields(record(30).to_line())
+        assert fields is not None
+        restarted.index.segment(restarted._active.number).add([fields], [10**6], [100])
+        assert sum(cell[0] for cell in restarted.index.rollups().values()) == 31
+        costs = sum(cell[3] for cell in restarted.index.rollups().values())
+        assert costs == sum(range(31))  # record(i) costs i micro-USD
     finally:
         restarted.close()
     # A damaged checkpoint, or one of the file as it was before being replaced, is simply
