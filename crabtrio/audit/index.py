@@ -48,7 +48,12 @@ class Segment:
     def __len__(self) -> int:
         return sum(len(run) for run in self.runs) + self._buffered
 
-    def add(self, records: list[IndexedFields], offsets: list[int], lengths: list[int]) -> None:
+    def add(
+        self,
+        records: list[IndexedFields],
+        offsets: Sequence[int] | np.ndarray,
+        lengths: Sequence[int] | np.ndarray,
+    ) -> None:
         """Index a batch of records found at these offsets (with these line lengths)."""
         n = len(records)
         if not n:

@@ -213,3 +213,20 @@ def test_a_backlog_is_indexed_in_bounded_steps(tmp_path) -> None:
         assert ids(reader) == [f"req-{i:06d}" for i in reversed(range(100))]
     finally:
         reader.close()
+
+
+def test_read_lines_returns_each_line_in_the_order_asked(tmp_path) -> None:
+    path = tmp_path / "a.jsonl"
+    filler = b"x" * (reader_module.COALESCE_GAP + 1) + b"\n"  # a gap too wide to read across
+    path.write_bytes(lines(3) + filler + lines(2, start=3))
+    reader = AuditReader(str(path))
+    try:
+        reader.replay()  # (the filler is counted as a corrupt line)
+        page = reader.index.query(limit=10)
+        shuffled = [page.locations[i] for i in (4, 0, 2, 1, 3)]
+        got = [orjson.loads(line)["request_id"] for line in reader.read_lines(shuffled)]
+        assert got == [f"req-{i:06d}" for i in (0, 4, 2, 3, 1)]
+        gone = (99, 0, 10)  # a file no longer open: skipped
+        assert len(reader.read_lines([gone, *shuffled])) == 5
+    finally:
+        reader.close()
