@@ -5,9 +5,10 @@ each parsing the JSONL and holding its own. Never trusted blindly: a sidecar is 
 its version is ours, its checksum holds and it describes the segment as it is now (size and a
 digest of its first and last 64 KiB); anything else is reported and the caller rebuilds it.
 
-Layout (little-endian): a header; the run's columns (`columns.COLUMNS`), the rollup cells'
-key columns (`rollups.KEY_COLUMNS`) and their values, each at an offset aligned to 64 bytes;
-a JSON block (the string table); a trailer holding the CRC-32 of everything before it.
+Layout (little-endian): a header; the run's columns (`columns.COLUMNS`), then the hourly and
+the daily rollup cells (keys, and values stored by column), each array at an offset aligned
+to 64 bytes; a JSON block (the string table); a trailer holding the CRC-32 of everything
+before it.
 """
 
 from __future__ import annotations
@@ -78,18 +79,19 @@ def _layout(entries: int, cells: int, days: int) -> tuple[list[int], int]:
 
 class Snapshot:
     """What a sidecar stores, fixed at one moment: the entries of the first `size` bytes of a
-    file as one run, its string table and its rollup cells (copies: the file's live index
-    goes on growing while a worker thread writes the snapshot)."""
+    file, its string table and its rollup cells. It holds the index's current arrays, which
+    later batches replace rather than change, so a worker thread can merge and write them
+    while the live index goes on growing."""
 
     def __init__(self, segment: Segment, size: int) -> None:
         self.size = size
         self.strings = list(segment.strings.values)
         segment.flush()
         self._runs = list(segment.runs)
-        # (Later batches make new arrays: these stay as they are; merged in the thread.)
         self._cells = segment.rollups.parts()
 
     def cells(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rollup cells as one part (merged here, in the writing thread)."""
         return merged(self._cells)
 
     def run(self) -> Run | None:
