@@ -8,7 +8,7 @@ sidecar); key, model and provider are codes of the segment's string table.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,8 @@ MAX_TOKENS = 2**31
 MAX_COST = 2**40  # micro-USD: $1.1M for one request
 
 CellKey = tuple[int, str, str, str, int]  # (hour start in ms, key, model, provider, status)
+# Groups, and per value column their sums (WIDTH x len(groups)).
+Piece = tuple[list[tuple[Any, ...]], np.ndarray]
 
 
 def latency_bucket(latency_ms: int) -> int:
@@ -146,8 +148,9 @@ class Rollups:
         filters: dict[str, Any],
         group_by: Sequence[str],
         interval: int | None,
-    ) -> dict[tuple[Any, ...], np.ndarray]:
-        """Summed values per group: (bucket start or None, *the group_by values)."""
+    ) -> list[Piece]:
+        """Summed values per group, (bucket start or None, *the group_by values), in pieces
+        (one per part of the cells; a group may be in several)."""
         self.compact()
         start = -_FAR if since is None else since - since % HOUR_MS
         end = _FAR if until is None else until - until % HOUR_MS + HOUR_MS  # exclusive
@@ -159,14 +162,14 @@ class Rollups:
             parts.append(_within(self.keys, self.values, last, end))
         else:
             parts.append(_within(self.keys, self.values, start, end))
-        out: dict[tuple[Any, ...], np.ndarray] = {}
+        pieces = []
         if self._base is not None:
-            out = self._base.select(since, until, filters, group_by, interval)
+            pieces = self._base.select(since, until, filters, group_by, interval)
         for keys, values in parts:
-            for group, total in self._grouped(keys, values, filters, group_by, interval):
-                found = out.get(group)
-                out[group] = total if found is None else found + total
-        return out
+            piece = self._grouped(keys, values, filters, group_by, interval)
+            if piece is not None:
+                pieces.append(piece)
+        return pieces
 
     def _grouped(
         self,
@@ -175,34 +178,35 @@ class Rollups:
         filters: dict[str, Any],
         group_by: Sequence[str],
         interval: int | None,
-    ) -> Iterator[tuple[tuple[Any, ...], np.ndarray]]:
+    ) -> Piece | None:
         if filters:
             mask = np.ones(len(keys), bool)
             for name, value in filters.items():
                 if name != "status":
                     value = self.strings.codes.get(value)
                     if value is None:
-                        return
+                        return None
                 mask &= keys[:, 1 + DIMENSIONS.index(name)] == value
             rows = np.flatnonzero(mask)
             keys, values = keys[rows], values[:, rows]
         if not len(keys):
-            return
+            return None
         columns = [keys[:, 1 + DIMENSIONS.index(name)] for name in group_by]
         if interval is not None:
             columns.insert(0, keys[:, 0] // interval)
         if not columns:
-            yield (None,), values.sum(axis=1)
-            return
-        groups, sums = _grouped(columns, values)
+            return [(None,)], values.sum(axis=1, keepdims=True)
+        decoded, sums = _grouped(columns, values)
         strings = self.strings.values
-        for parts, total in zip(groups, sums.T, strict=True):
-            bucket = parts.pop(0) * interval if interval is not None else None
-            named = tuple(
-                value if name == "status" else strings[value]
-                for name, value in zip(group_by, parts, strict=True)
-            )
-            yield (bucket, *named), total
+        named: list[list[Any]] = []
+        if interval is not None:
+            named.append([bucket * interval for bucket in decoded.pop(0).tolist()])
+        else:
+            named.append([None] * sums.shape[1])
+        for name, codes in zip(group_by, decoded, strict=True):
+            listed = codes.tolist()
+            named.append(listed if name == "status" else [strings[code] for code in listed])
+        return list(zip(*named, strict=True)), sums
 
 
 def merged(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -230,13 +234,14 @@ def _within(
     return keys[lo:hi], values[:, lo:hi]
 
 
-def _grouped(columns: list[np.ndarray], values: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
-    """The distinct rows of `columns` and, per value column, the sums over each. One integer
-    per row (mixed radix over each column's range) to bincount: far cheaper than sorting."""
+def _grouped(columns: list[np.ndarray], values: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """The distinct rows of `columns` (as columns) and, per value column, the sums over each.
+    One integer per row (mixed radix over each column's range) to sum over: far cheaper than
+    sorting rows."""
     bases = [(int(column.min()), int(column.max()) - int(column.min()) + 1) for column in columns]
     if np.prod([float(span) for _, span in bases]) >= 2**62:  # no room: sort the rows
         unique, sums = _summed(np.stack(columns, axis=1), values)
-        return unique.tolist(), sums
+        return list(unique.T), sums
     group = np.zeros(values.shape[1], np.int64)
     for column, (low, span) in zip(columns, bases, strict=True):
         group = group * span + (column - low)
@@ -253,15 +258,11 @@ def _grouped(columns: list[np.ndarray], values: np.ndarray) -> tuple[list[list[i
     else:
         present, inverse = np.unique(group, return_inverse=True)
         sums = _sums(inverse.reshape(-1), values, len(present))
-    rows = []
-    for number in present.tolist():
-        parts = []
-        for low, span in reversed(bases):
-            number, digit = divmod(number, span)
-            parts.append(low + digit)
-        parts.reverse()
-        rows.append(parts)
-    return rows, sums
+    decoded = []
+    for low, span in reversed(bases):
+        present, digit = np.divmod(present, span)
+        decoded.append(digit + low)
+    return decoded[::-1], sums
 
 
 def select(
@@ -277,9 +278,12 @@ def select(
     summed per (interval start, *group_by values) across `sources`: `interval` HOUR_MS or
     DAY_MS (UTC), or None for totals (then the first element of each group is None)."""
     filters = filters or {}
-    out: dict[tuple[Any, ...], np.ndarray] = {}
+    index: dict[tuple[Any, ...], int] = {}
+    found = []
     for rollups in sources:
-        for group, total in rollups.select(since, until, filters, group_by, interval).items():
-            found = out.get(group)
-            out[group] = total if found is None else found + total
-    return {group: np.rint(total).astype(np.int64).tolist() for group, total in out.items()}
+        for groups, sums in rollups.select(since, until, filters, group_by, interval):
+            found.append(([index.setdefault(group, len(index)) for group in groups], sums))
+    total = np.zeros((WIDTH, len(index)), VALUES_DTYPE)
+    for columns, sums in found:
+        total[:, columns] += sums  # (each piece names a group once)
+    return dict(zip(index, np.rint(total.T).astype(np.int64).tolist(), strict=True))
