@@ -259,6 +259,15 @@ def test_many_workers_share_one_file(tmp_path, upstream, start_gateway, workers)
     gateway.signal(signal.SIGTERM)
     gateway.wait(30)
     restarted = start_gateway(config, workers=1)
+    # The rotated files were sealed by whichever worker got there first: a restart maps their
+    # sidecars (the last one may have been rotated too late to seal before the stop).
+    rotated = sorted(tmp_path.glob("audit-*.jsonl"))
+    audit_health = httpx.get(f"{restarted.url}/health").json()["audit"]
+    assert audit_health["sidecars_loaded"] + audit_health["sidecars_rebuilt"] == len(rotated)
+    assert audit_health["sidecars_loaded"] >= len(rotated) - 1
+    assert all(Path(f"{path}.idx").exists() for path in rotated)  # rebuilt ones too
+    logs = httpx.get(f"{restarted.url}/v1/admin/logs?status=404", headers=ADMIN).json()
+    assert probe in {r["request_id"] for r in logs}
     chat(restarted.url)
     restarted.signal(signal.SIGTERM)
     assert restarted.wait(30) == 0
