@@ -30,7 +30,7 @@ NAMES = tuple(name for name, _ in COLUMNS)
 CODED = ("key", "model", "provider")  # filters on these compare string-table codes
 FILTERS = (*CODED, "status")
 # Rows scanned at once when walking a run backwards for filter matches (then doubled).
-FIRST_BLOCK = 256
+FIRST_BLOCK = 4096
 MAX_BLOCK = 1 << 20
 
 # Where a page ended: (timestamp, the request id's first 16 bytes) of its last entry.
