@@ -14,8 +14,8 @@ import orjson
 
 from .audit.columns import Cursor
 from .auth import check_admin
-from .errors import GatewayError, InvalidRequest, error_body
-from .proxy import Receive, Scope, Send, header, send_json
+from .dispatch import Receive, Scope, Send, header, method_not_allowed, send_json
+from .errors import GatewayError, InvalidRequest
 from .services import Services
 
 MAX_LIMIT = 1000
@@ -116,8 +116,7 @@ async def serve_logs(svc: Services, scope: Scope, receive: Receive, send: Send) 
     (pass it as `before`). Served straight from ASGI, like the proxied routes: Quart's
     per-request machinery costs more than the query itself."""
     if scope["method"] not in ("GET", "HEAD"):
-        body = error_body(405, "use GET", "invalid_request_error", "method_not_allowed")
-        await send_json(send, 405, body, [(b"allow", b"GET, HEAD")])
+        await method_not_allowed(send, b"GET, HEAD")
         return
     try:
         check_admin(svc.config.admin_token, header(scope, b"authorization"), scope.get("client"))
@@ -129,8 +128,9 @@ async def serve_logs(svc: Services, scope: Scope, receive: Receive, send: Send) 
         return
     except Exception:
         log.exception("crabtrio: unexpected error on %s", LOGS)
-        body = error_body(500, "internal error; see the gateway's log", "server_error", None)
-        await send_json(send, 500, body)
+        await send_json(
+            send, 500, GatewayError("internal error; see the gateway's log").body_bytes()
+        )
         return
     extra = [] if next_cursor is None else [(b"x-next-cursor", encode_cursor(next_cursor).encode())]
     body = b"[" + b",".join(lines) + b"]"

@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Callable
 from functools import partial
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import httpx
 import trio
@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import admin, api, proxy
 from .config import Config, ConfigError, load_config
-from .dispatch import RequestDispatch
+from .dispatch import ASGIApp, Receive, RequestDispatch, Scope, Send
 from .errors import GatewayError, error_body
 from .services import Services, open_services
 
@@ -127,7 +127,7 @@ def create_app(
         svc = app.extensions.get("crabtrio")
         return svc.config.cors_origins if svc is not None else ()
 
-    handlers: dict[str, Any] = {
+    handlers: dict[str, ASGIApp] = {
         path: partial(_serve_proxied, services, endpoint) for path, endpoint in proxy.ROUTES.items()
     }
     handlers[admin.LOGS] = partial(_serve_admin_logs, services)
@@ -150,15 +150,15 @@ def _task_died(exc: Exception, *, exit_process: bool) -> None:
 async def _serve_proxied(
     services: Callable[[], Services],
     endpoint: str,
-    scope: proxy.Scope,
-    receive: proxy.Receive,
-    send: proxy.Send,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
 ) -> None:
     await proxy.serve(services(), endpoint, scope, receive, send)
 
 
 async def _serve_admin_logs(
-    services: Callable[[], Services], scope: proxy.Scope, receive: proxy.Receive, send: proxy.Send
+    services: Callable[[], Services], scope: Scope, receive: Receive, send: Send
 ) -> None:
     await admin.serve_logs(services(), scope, receive, send)
 

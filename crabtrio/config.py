@@ -339,78 +339,31 @@ class _Parser:
             if kind == "openai" and not base_url.startswith(("http://", "https://")):
                 raise self.fail(f"{where}.base_url", "must start with http:// or https://")
             api_key = entry.get("api_key")
+
+            setting = functools.partial(self.setting, where, entry)
             providers[name] = ProviderConfig(
                 name=name,
                 kind=kind,  # type: ignore[arg-type]
                 base_url=base_url.rstrip("/"),
                 api_key=None if api_key is None else self.string(f"{where}.api_key", api_key),
                 models=self.strings(f"{where}.models", entry["models"]),
-                weight=self.number(
-                    f"{where}.weight",
-                    entry.get("weight", _PROVIDER_DEFAULTS["weight"]),
-                    minimum=0,
-                    strict=True,
-                ),
-                max_retries=self.integer(
-                    f"{where}.max_retries",
-                    entry.get("max_retries", _PROVIDER_DEFAULTS["max_retries"]),
-                    minimum=0,
-                ),
-                timeout=self.number(
-                    f"{where}.timeout",
-                    entry.get("timeout", _PROVIDER_DEFAULTS["timeout"]),
-                    minimum=0,
-                    strict=True,
-                ),
-                connect_timeout=self.number(
-                    f"{where}.connect_timeout",
-                    entry.get("connect_timeout", _PROVIDER_DEFAULTS["connect_timeout"]),
-                    minimum=0,
-                    strict=True,
-                ),
-                max_connections=self.integer(
-                    f"{where}.max_connections",
-                    entry.get("max_connections", _PROVIDER_DEFAULTS["max_connections"]),
-                    minimum=1,
-                ),
-                retry_on_timeout=self.boolean(
-                    f"{where}.retry_on_timeout",
-                    entry.get("retry_on_timeout", _PROVIDER_DEFAULTS["retry_on_timeout"]),
-                ),
-                retry_after_max=self.number(
-                    f"{where}.retry_after_max",
-                    entry.get("retry_after_max", _PROVIDER_DEFAULTS["retry_after_max"]),
-                    minimum=0,
-                ),
-                max_response_mb=self.number(
-                    f"{where}.max_response_mb",
-                    entry.get("max_response_mb", _PROVIDER_DEFAULTS["max_response_mb"]),
-                    minimum=0,
-                    strict=True,
-                ),
-                max_event_kb=self.number(
-                    f"{where}.max_event_kb",
-                    entry.get("max_event_kb", _PROVIDER_DEFAULTS["max_event_kb"]),
-                    minimum=1,
-                ),
+                weight=setting("weight", self.number, minimum=0, strict=True),
+                max_retries=setting("max_retries", self.integer, minimum=0),
+                timeout=setting("timeout", self.number, minimum=0, strict=True),
+                connect_timeout=setting("connect_timeout", self.number, minimum=0, strict=True),
+                max_connections=setting("max_connections", self.integer, minimum=1),
+                retry_on_timeout=setting("retry_on_timeout", self.boolean),
+                retry_after_max=setting("retry_after_max", self.number, minimum=0),
+                max_response_mb=setting("max_response_mb", self.number, minimum=0, strict=True),
+                max_event_kb=setting("max_event_kb", self.number, minimum=1),
                 proxy=self.proxy(f"{where}.proxy", entry.get("proxy")),
-                http2=self.boolean(
-                    f"{where}.http2", entry.get("http2", _PROVIDER_DEFAULTS["http2"])
-                ),
-                verify=self.boolean(
-                    f"{where}.verify", entry.get("verify", _PROVIDER_DEFAULTS["verify"])
-                ),
+                http2=setting("http2", self.boolean),
+                verify=setting("verify", self.boolean),
                 ca_file=self.file(f"{where}.ca_file", entry.get("ca_file")),
                 client_cert=self.file(f"{where}.client_cert", entry.get("client_cert")),
                 client_key=self.file(f"{where}.client_key", entry.get("client_key")),
-                chunks=self.integer(
-                    f"{where}.chunks", entry.get("chunks", _PROVIDER_DEFAULTS["chunks"]), minimum=1
-                ),
-                delay_ms=self.number(
-                    f"{where}.delay_ms",
-                    entry.get("delay_ms", _PROVIDER_DEFAULTS["delay_ms"]),
-                    minimum=0,
-                ),
+                chunks=setting("chunks", self.integer, minimum=1),
+                delay_ms=setting("delay_ms", self.number, minimum=0),
             )
             if providers[name].client_key and not providers[name].client_cert:
                 raise self.fail(f"{where}.client_key", "needs client_cert beside it")
@@ -418,6 +371,12 @@ class _Parser:
         if not providers:
             raise self.fail("providers", "at least one [providers.NAME] table is required")
         return providers
+
+    def setting(
+        self, where: str, entry: dict[str, Any], field: str, read: Callable[..., Any], **limits: Any
+    ) -> Any:
+        """A provider's setting, checked by `read` (self.number...), or its default."""
+        return read(f"{where}.{field}", entry.get(field, _PROVIDER_DEFAULTS[field]), **limits)
 
     def tls_material(self, where: str, provider: ProviderConfig) -> None:
         """Load the CA file and client certificate now, so a bad one stops startup here."""

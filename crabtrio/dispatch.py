@@ -129,7 +129,7 @@ class RequestDispatch:
         exchange = Exchange(receive, send, extra)
         if "//" in path:  # werkzeug would serve `//v1/models` as /v1/models, or redirect
             body = error_body(404, "no such route", "invalid_request_error", "not_found")
-            await _send_json(exchange, 404, body)
+            await send_json(exchange.send, 404, body)
             return
         if scope["method"] == "OPTIONS":
             await _options(exchange, scope, origin is not None)
@@ -172,10 +172,29 @@ async def _options(exchange: Exchange, scope: Scope, cors: bool) -> None:
     body = error_body(
         405, "OPTIONS is not served here", "invalid_request_error", "method_not_allowed"
     )
-    await _send_json(exchange, 405, body)
+    await send_json(exchange.send, 405, body)
 
 
-async def _send_json(exchange: Exchange, status: int, body: bytes) -> None:
+async def send_json(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """A whole JSON response, for the routes served straight from ASGI."""
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    await exchange.send({"type": "http.response.start", "status": status, "headers": headers})
-    await exchange.send({"type": "http.response.body", "body": body})
+    await send(
+        {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def method_not_allowed(send: Send, allow: bytes) -> None:
+    message = f"use {allow.decode()}"
+    body = error_body(405, message, "invalid_request_error", "method_not_allowed")
+    await send_json(send, 405, body, [(b"allow", allow)])
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """A request header's value (the first, when repeated)."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")  # type: ignore[no-any-return]
+    return None

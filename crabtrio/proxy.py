@@ -11,7 +11,6 @@ Every other route is a Quart route.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import aclosing
 from typing import Any
 
@@ -22,7 +21,16 @@ from .audit import PendingRecord
 from .audit.record import clip
 from .config import ProviderConfig
 from .deadline import Deadline
-from .dispatch import REQUEST_ID, STARTED
+from .dispatch import (
+    REQUEST_ID,
+    STARTED,
+    Receive,
+    Scope,
+    Send,
+    header,
+    method_not_allowed,
+    send_json,
+)
 from .errors import (
     Forbidden,
     GatewayError,
@@ -31,7 +39,6 @@ from .errors import (
     PayloadTooLarge,
     RequestTimeout,
     Unavailable,
-    error_body,
 )
 from .providers import PATHS as UPSTREAM_PATHS
 from .services import Services
@@ -43,11 +50,6 @@ ROUTES = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
 # Like Quart's BODY_TIMEOUT: a client has this long to send its whole request body.
 BODY_TIMEOUT_SECONDS = 60.0
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
-_JSON = [(b"content-type", b"application/json")]
 _SSE = [
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
@@ -63,8 +65,7 @@ async def serve(svc: Services, endpoint: str, scope: Scope, receive: Receive, se
     """Answer one request to a proxied route. Its record is made here, whatever happens:
     by the step that answers, or at the end for a request cut off before it could answer."""
     if scope["method"] != "POST":
-        body = error_body(405, "use POST", "invalid_request_error", "method_not_allowed")
-        await send_json(send, 405, body, [(b"allow", b"POST")])
+        await method_not_allowed(send, b"POST")
         return
     pending = PendingRecord(
         svc.audit, svc.config.pricing, scope[REQUEST_ID], endpoint, scope[STARTED]
@@ -235,21 +236,6 @@ async def _send_error(svc: Services, send: Send, pending: PendingRecord, exc: Ga
     except GatewayError as durability:  # the error's own record could not be made durable
         exc = durability
     await send_json(send, exc.status, exc.body_bytes())
-
-
-async def send_json(
-    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    headers = [*_JSON, (b"content-length", b"%d" % len(body)), *(extra or ())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-def header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")  # type: ignore[no-any-return]
-    return None
 
 
 def _usage_of(content: bytes) -> Any:

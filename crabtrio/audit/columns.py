@@ -28,7 +28,6 @@ COLUMNS: tuple[tuple[str, Any], ...] = (
 )
 NAMES = tuple(name for name, _ in COLUMNS)
 CODED = ("key", "model", "provider")  # filters on these compare string-table codes
-FILTERS = (*CODED, "status")
 # Rows scanned at once when walking a run backwards for filter matches (then doubled).
 FIRST_BLOCK = 4096
 MAX_BLOCK = 1 << 20
@@ -51,6 +50,18 @@ class Strings:
     def __init__(self, values: Iterable[str] = ()) -> None:
         self.values: list[str] = list(values)
         self.codes: dict[str, int] = {value: i for i, value in enumerate(self.values)}
+
+    def resolve(self, filters: dict[str, Any]) -> dict[str, int] | None:
+        """The filters as the integers stored (codes for key, model and provider); None
+        if one names a value this table never saw, so nothing can match."""
+        resolved = {}
+        for name, value in filters.items():
+            if name in CODED:
+                value = self.codes.get(value)
+                if value is None:
+                    return None
+            resolved[name] = value
+        return resolved
 
     def code(self, value: str) -> int:
         found = self.codes.get(value)
@@ -106,16 +117,10 @@ class Run:
 
     def matcher(self, filters: dict[str, Any]) -> list[tuple[np.ndarray, int]] | None:
         """(column, value) pairs that a matching row equals; None if nothing can match."""
-        checks = []
-        for name, value in filters.items():
-            if name in CODED:
-                code = self.strings.codes.get(value)
-                if code is None:
-                    return None
-                checks.append((self.columns[name], code))
-            else:
-                checks.append((self.columns[name], value))
-        return checks
+        resolved = self.strings.resolve(filters)
+        if resolved is None:
+            return None
+        return [(self.columns[name], value) for name, value in resolved.items()]
 
     def newest(self, rows: range, checks: list[tuple[np.ndarray, int]], count: int) -> np.ndarray:
         """The last `count` rows in `rows` that pass `checks`, in ascending order."""
@@ -136,14 +141,6 @@ class Run:
         if not found:
             return np.arange(0)
         return np.concatenate(found[::-1])[-count:]
-
-    def count(self, rows: range, checks: list[tuple[np.ndarray, int]]) -> int:
-        if not checks:
-            return len(rows)
-        mask = checks[0][0][rows.start : rows.stop] == checks[0][1]
-        for column, value in checks[1:]:
-            mask &= column[rows.start : rows.stop] == value
-        return int(np.count_nonzero(mask))
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,16 +191,13 @@ def query(
     ts = np.concatenate([run.columns["ts"][rows] for run, rows in candidates])
     rid = np.concatenate([run.columns["rid"][rows] for run, rows in candidates])
     offset = np.concatenate([run.columns["offset"][rows] for run, rows in candidates])
-    which = np.concatenate([np.full(len(rows), i) for i, (_, rows) in enumerate(candidates)])
-    position = np.concatenate([rows for _, rows in candidates])
+    length = np.concatenate([run.columns["length"][rows] for run, rows in candidates])
+    source = np.concatenate([np.full(len(rows), run.source) for run, rows in candidates])
     order = np.lexsort((offset, rid, ts))[::-1][:want]
-    locations: list[Location] = []
-    for i in order[:limit]:
-        run = candidates[which[i]][0]
-        row = int(position[i])
-        locations.append(
-            (run.source, int(run.columns["offset"][row]), int(run.columns["length"][row]))
-        )
+    page = order[:limit]
+    locations: list[Location] = list(
+        zip(source[page].tolist(), offset[page].tolist(), length[page].tolist(), strict=True)
+    )
     next_cursor = None
     if len(order) > limit:
         last = order[limit - 1]

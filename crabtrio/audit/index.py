@@ -71,7 +71,6 @@ class Segment:
             "status": np.array([r.status for r in records], np.uint16),
         }
         self.rollups.add(
-            columns["ts"],
             columns,
             _clipped([r.prompt_tokens or 0 for r in records], MAX_TOKENS),
             _clipped([r.completion_tokens or 0 for r in records], MAX_TOKENS),

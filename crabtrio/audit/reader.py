@@ -20,7 +20,7 @@ from . import sidecar
 from .columns import Location
 from .index import AuditIndex, Segment
 from .record import IndexedFields, decode_fields, decode_fields_lines
-from .rotation import rotated_siblings
+from .rotation import rotated_siblings, sidecar_path
 
 log = logging.getLogger("crabtrio.audit")
 
@@ -120,33 +120,37 @@ class AuditReader:
 
     def checkpoint(self) -> None:
         """Write the active file's checkpoint now, in this thread (tools and benchmarks)."""
-        source = self._active
-        if source is not None:
-            segment = self.index.segment(source.number)
-            snapshot = sidecar.Snapshot(segment, source.offset)
-            sidecar.write(sidecar.path_for(source.path), source.fd, snapshot)
-            self._checkpointed = len(segment)
+        job = self._checkpoint_job()
+        if job is not None:
+            sidecar.write(*job)
             self.checkpoints["written"] += 1
 
     async def _checkpoint(self) -> None:
         """Every CHECKPOINT_RECORDS new entries, write the active file's index as a sidecar
         (`<path>.idx`) in a worker thread, so a restart reads only what came after it."""
         source = self._active
-        if source is None or source.path != self.path:
+        if source is None:
             return
-        segment = self.index.segment(source.number)
-        if len(segment) - self._checkpointed < CHECKPOINT_RECORDS:
+        if len(self.index.segment(source.number)) - self._checkpointed < CHECKPOINT_RECORDS:
             return
-        self._checkpointed = len(segment)
-        snapshot = sidecar.Snapshot(segment, source.offset)
+        job = self._checkpoint_job()
+        if job is None:
+            return
         try:
-            await trio.to_thread.run_sync(
-                sidecar.write, sidecar.path_for(source.path), source.fd, snapshot
-            )
+            await trio.to_thread.run_sync(sidecar.write, *job)
         except OSError as exc:
             log.warning("audit: cannot write the index checkpoint of %s (%s)", self.path, exc)
             return
         self.checkpoints["written"] += 1
+
+    def _checkpoint_job(self) -> tuple[str, int, sidecar.Snapshot] | None:
+        """What writing the active file's checkpoint needs, taken on the loop's thread."""
+        source = self._active
+        if source is None or source.path != self.path:
+            return None
+        segment = self.index.segment(source.number)
+        self._checkpointed = len(segment)
+        return sidecar_path(source.path), source.fd, sidecar.Snapshot(segment, source.offset)
 
     def _read_bulk(self, source: _Source, *, final: bool) -> None:
         segment = self.index.segment(source.number)
@@ -185,7 +189,7 @@ class AuditReader:
         size = source.offset
         try:
             snapshot = sidecar.Snapshot(segment, size)
-            sidecar.write(sidecar.path_for(source.path), source.fd, snapshot)
+            sidecar.write(sidecar_path(source.path), source.fd, snapshot)
             self.index.put(sidecar.load(source.path, source.fd, size, source.number)[0])
         except (OSError, sidecar.SidecarError) as exc:
             log.warning(

@@ -33,7 +33,6 @@ _FAR = 2**62  # an unbounded end of a time range
 MAX_TOKENS = 2**31
 MAX_COST = 2**40  # micro-USD: $1.1M for one request
 
-CellKey = tuple[int, str, str, str, int]  # (hour start in ms, key, model, provider, status)
 # Groups, and per value column their sums (WIDTH x len(groups)).
 Piece = tuple[list[tuple[Any, ...]], np.ndarray]
 
@@ -57,13 +56,13 @@ def _summed(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def _sums(group: np.ndarray, values: np.ndarray, groups: int) -> np.ndarray:
     """Per value column (a row of `values`), the sums over each group number. bincount
     works in float64: exact while a sum stays below 2**53."""
-    return np.stack([np.bincount(group, column, groups) for column in values]).astype(VALUES_DTYPE)
+    return np.stack([np.bincount(group, column, groups) for column in values])
 
 
 class Rollups:
     """The cells of one file: `keys` (int64 rows of KEY_WIDTH: hour start, string-table codes
-    of key, model and provider, status) and `values` (WIDTH int64 columns, stored as rows so
-    that each is contiguous), one cell per distinct key. A growing file's batches are kept as
+    of key, model and provider, status) and `values` (WIDTH float64 columns, stored as rows
+    so that each is contiguous), one cell per distinct key. A growing file's batches are kept as
     partial cells and summed into the others when they are as many (no per-cell lookup on
     the way in). A growing file resumed from a checkpoint counts the checkpoint's cells as
     its `base` (mapped, shared between workers) and keeps only what came after as its own."""
@@ -93,15 +92,16 @@ class Rollups:
 
     def add(
         self,
-        ts: np.ndarray,
-        codes: dict[str, np.ndarray],
+        columns: dict[str, np.ndarray],
         prompt: np.ndarray,
         completion: np.ndarray,
         cost: np.ndarray,
         latency: np.ndarray,
     ) -> None:
-        """Count a batch of records (ts in ms; codes for key, model, provider; status)."""
-        keys = np.stack([ts - ts % HOUR_MS, *(codes[name] for name in DIMENSIONS)], axis=1)
+        """Count a batch of records: their index columns (`ts` in ms, the codes of key,
+        model and provider, `status`) and what else a cell sums."""
+        ts = columns["ts"]
+        keys = np.stack([ts - ts % HOUR_MS, *(columns[name] for name in DIMENSIONS)], axis=1)
         values = np.zeros((WIDTH, len(ts)), VALUES_DTYPE)
         values[REQUESTS] = 1
         values[PROMPT] = prompt
@@ -120,9 +120,7 @@ class Rollups:
         parts = [(self.keys, self.values), *self._pending]
         self._pending, self._pending_rows = [], 0
         self._days = None
-        self.keys, self.values = _summed(
-            np.concatenate([k for k, _ in parts]), np.concatenate([v for _, v in parts], axis=1)
-        )
+        self.keys, self.values = merged(parts)
 
     def writable(self) -> Rollups:
         """Rollups that can grow, counting these (which may be mapped read-only) as a base."""
@@ -180,12 +178,11 @@ class Rollups:
         interval: int | None,
     ) -> Piece | None:
         if filters:
+            resolved = self.strings.resolve(filters)
+            if resolved is None:
+                return None
             mask = np.ones(len(keys), bool)
-            for name, value in filters.items():
-                if name != "status":
-                    value = self.strings.codes.get(value)
-                    if value is None:
-                        return None
+            for name, value in resolved.items():
                 mask &= keys[:, 1 + DIMENSIONS.index(name)] == value
             rows = np.flatnonzero(mask)
             keys, values = keys[rows], values[:, rows]

@@ -16,6 +16,11 @@ def rotated_name_pattern(path: str) -> re.Pattern[str]:
     return re.compile(rf"^{re.escape(stem)}-{_STAMP}{re.escape(suffix)}$")
 
 
+def sidecar_path(segment: str) -> str:
+    """Where a segment's index sidecar lives (see `sidecar`); retention deletes it too."""
+    return segment + ".idx"
+
+
 def rotated_siblings(path: str) -> list[str]:
     """The rotated files of `path`, oldest first."""
     directory = os.path.dirname(os.path.abspath(path))

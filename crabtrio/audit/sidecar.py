@@ -26,10 +26,11 @@ import orjson
 from .columns import COLUMNS, NAMES, Run, Strings
 from .index import Segment
 from .rollups import KEY_WIDTH, VALUES_DTYPE, WIDTH, Rollups, by_day, merged
+from .rotation import sidecar_path
+from .store import write_all
 
 MAGIC = b"CRABIDX\x00"
 VERSION = 2  # 2: rollup values stored by column
-SUFFIX = ".idx"
 # magic, version, flags, entries, hourly and daily rollup cells, segment size, segment
 # digest, meta offset and length
 _HEADER = struct.Struct("<8sIIQQQQ32sQQ")
@@ -41,10 +42,6 @@ EDGE = 64 * 1024  # bytes of the segment's head and tail in its identity digest
 
 class SidecarError(Exception):
     """The sidecar cannot be used; the message says why, in a few words."""
-
-
-def path_for(segment_path: str) -> str:
-    return segment_path + SUFFIX
 
 
 def identity(fd: int, size: int) -> bytes:
@@ -127,16 +124,14 @@ def write(target: str, fd: int, snapshot: Snapshot) -> None:
         def put(data: bytes | memoryview) -> None:
             nonlocal crc, at
             crc = zlib.crc32(data, crc)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(out, view) :]
+            write_all(out, data)
             at += len(data)
 
         put(header)
         for (name, dtype, _, _), offset in zip(_ARRAYS, offsets, strict=True):
             put(b"\x00" * (offset - at))
             if name in arrays:
-                put(np.ascontiguousarray(arrays[name], dtype=dtype).tobytes())
+                put(np.ascontiguousarray(arrays[name], dtype=dtype).data.cast("B"))
         put(meta)
         trailer = _TRAILER.pack(crc, END)
         put(trailer)
@@ -157,7 +152,7 @@ def load(
     it describes; SidecarError otherwise. `prefix`: the sidecar may describe the file's
     first bytes only (a checkpoint of the active file), not necessarily all `size` of them."""
     try:
-        with open(path_for(segment_path), "rb") as file:
+        with open(sidecar_path(segment_path), "rb") as file:
             _check_crc(file.fileno())
             mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
     except FileNotFoundError:

@@ -20,8 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .rotation import expired, rotated_name
-from .sidecar import path_for as sidecar_path
+from .rotation import expired, rotated_name, sidecar_path
 
 log = logging.getLogger("crabtrio.audit")
 
@@ -41,6 +40,13 @@ def fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write until all of `data` is written (a write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def last_newline_end(fd: int, size: int) -> int:
@@ -131,15 +137,11 @@ class AuditFile:
         with self.locked():
             reopened = self.reopen_if_replaced()
             start = self.cut_torn_tail()
-            view = memoryview(data)
             try:
-                while view:
-                    written = os.write(self._fd, view)
-                    view = view[written:]
-            except OSError:
-                if len(view) < len(data):
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(self._fd, start)
+                write_all(self._fd, data)
+            except OSError:  # (a no-op if nothing was written)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)
                 raise
             size = start + len(data)
             if rotate_at is not None and size >= rotate_at:

@@ -22,7 +22,7 @@ from crabtrio.audit.index import Segment
 from crabtrio.audit.reader import AuditReader
 from crabtrio.audit.record import AuditRecord
 from crabtrio.audit.rollups import LATENCY_BOUNDS_MS, latency_bucket
-from crabtrio.audit.rotation import rotated_name
+from crabtrio.audit.rotation import rotated_name, sidecar_path
 from crabtrio.audit.store import AuditFile
 
 from .records import record
@@ -69,7 +69,7 @@ def segment_name(active: Path, n: int) -> Path:
 
 
 def idx(segment: Path | str) -> Path:
-    return Path(sidecar.path_for(str(segment)))
+    return Path(sidecar_path(str(segment)))
 
 
 def sealed_layout(
