@@ -222,9 +222,12 @@ def admin_queries(source: Path, workdir: Path, quick: bool) -> dict[str, Any]:
     return results
 
 
-def admin_query_figures(port: int, naive_source: Path, quick: bool) -> dict[str, Any]:
+def admin_query_figures(
+    port: int, naive_source: Path, quick: bool, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Time each admin query against the gateway on `port`; check its answer against the
-    naive scan of `naive_source` (a file holding the same records)."""
+    naive scan of `naive_source` (a file holding the same records). `extra` parameters go
+    with every query (`scope=fleet`)."""
     repeats, scans = (50, 1) if quick else (300, 3)
     results: dict[str, Any] = {}
     admin = _Admin(port)
@@ -232,8 +235,9 @@ def admin_query_figures(port: int, naive_source: Path, quick: bool) -> dict[str,
     # one-off work (allocator growth, a garbage collection pass over the new index).
     for _ in range(20):
         for params in _queries().values():
-            admin.get(params)
+            admin.get({**params, **(extra or {})})
     for name, params in _queries().items():
+        params = {**params, **(extra or {})}
         times: list[float] = []
         first_page = admin.get(params)
         cursors = [first_page[2]]

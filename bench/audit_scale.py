@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import audit_data
 from audit_bench import admin_query_figures
-from procs import group_pids
+from procs import child_json, group_pids
 from targets import crabtrio_config, start_crabtrio
 
 SEGMENT_MB = 256  # the default max_file_mb
@@ -67,16 +66,7 @@ def layout(source: Path, directory: Path, segment_mb: int) -> Path:
 
 
 def _child(action: str, directory: Path, workdir: Path) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, __file__, "child", action, str(directory)],
-        env={**os.environ, "PYTHONPATH": str(workdir)},
-        capture_output=True,
-        text=True,
-        timeout=3600,
-        check=True,
-    )
-    found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return found
+    return child_json([__file__, "child", action, str(directory)], workdir, timeout=3600)
 
 
 def _child_main(action: str, directory: str) -> None:

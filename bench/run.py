@@ -27,6 +27,7 @@ from typing import Any
 import audit_bench
 import audit_scale
 import chart
+import fleet_bench
 import markdown
 import peers
 import report
@@ -258,6 +259,8 @@ def main() -> int:
             results["audit"] = audit_bench.run(RESULTS / "cache", workdir, args.quick)
             print("audit at scale...", flush=True)
             results["audit_scale"] = audit_scale.run(RESULTS / "cache", workdir, args.quick)
+            print("fleet (PostgreSQL)...", flush=True)
+            results["fleet"] = fleet_bench.run(RESULTS / "cache", workdir, args.quick)
     finally:
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""GET /v1/admin/logs: filtered, paginated audit records from the index (admin token)."""
+"""GET /v1/admin/logs: filtered, paginated audit records (admin token), from this host's
+index, or with `scope=fleet` from every replica's records in PostgreSQL."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ MAX_CURSOR_ID_CHARS = 32
 _HEX = re.compile(r"(?:[0-9a-f]{2})*")
 _INT_PARAMS = {"since": (0, 2**63 - 1), "until": (0, 2**63 - 1), "status": (100, 599)}
 _TEXT_PARAMS = ("key", "model", "provider")
-_KNOWN = {*_INT_PARAMS, *_TEXT_PARAMS, "limit", "before"}
+_KNOWN = {*_INT_PARAMS, *_TEXT_PARAMS, "limit", "before", "scope", "instance"}
+SCOPES = ("local", "fleet")
 # Unpadded base64url; the longest valid cursor is 70 characters.
 _CURSOR = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _BAD_CURSOR = "'before' must be a cursor from a previous x-next-cursor header"
@@ -104,6 +106,19 @@ def parse_query(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
     query["limit"] = _integer("limit", args["limit"], 1, MAX_LIMIT) if "limit" in args else 100
     if "before" in args:
         query["before"] = decode_cursor(args["before"])
+    scope = args.get("scope", "local")
+    if scope not in SCOPES:
+        raise InvalidRequest("'scope' must be 'local' or 'fleet'", param="scope")
+    if scope == "fleet":
+        query["scope"] = scope
+    if "instance" in args:
+        if scope != "fleet":
+            raise InvalidRequest("'instance' needs scope=fleet", param="instance")
+        if len(args["instance"]) > MAX_FILTER_CHARS:
+            raise InvalidRequest(
+                f"'instance' must be at most {MAX_FILTER_CHARS} characters", param="instance"
+            )
+        query["instance"] = args["instance"]
     return query
 
 
@@ -122,7 +137,11 @@ async def serve_logs(svc: Services, scope: Scope, receive: Receive, send: Send) 
         check_admin(svc.config.admin_token, header(scope, b"authorization"), scope.get("client"))
         text = scope["query_string"].decode("latin-1")
         query = parse_query(parse_qsl(text, keep_blank_values=True, errors="replace"))
-        lines, next_cursor = await svc.audit.query(**query)
+        if query.pop("scope", "local") == "fleet":
+            records, next_cursor = await svc.audit.fleet_query(**query)
+            lines = [orjson.dumps(record) for record in records]
+        else:
+            lines, next_cursor = await svc.audit.query(**query)
     except GatewayError as exc:
         await send_json(send, exc.status, exc.body_bytes())
         return

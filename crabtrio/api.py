@@ -33,7 +33,8 @@ async def list_models() -> Response:
 @bp.get("/health")
 async def health() -> Response:
     """200 `ok` while every owned task works; 503 `degraded` while the audit log cannot be
-    written (chat is refused meanwhile) or its index cannot follow the file."""
+    written (chat is refused meanwhile) or its index cannot follow the file. With shipping
+    to PostgreSQL on, `shipping` says how far behind it is."""
     svc = current_services()
     if svc.audit.enabled:
         stats = svc.audit.statistics()
@@ -41,4 +42,7 @@ async def health() -> Response:
     else:
         healthy, audit = True, {"state": "disabled"}
     body = {"status": "ok" if healthy else "degraded", "audit": audit}
+    shipping = svc.audit.shipping()
+    if shipping is not None:  # shipping's state never makes the gateway unhealthy: its
+        body["shipping"] = shipping  # records wait in the files meanwhile
     return Response(orjson.dumps(body), 200 if healthy else 503, content_type=JSON)

@@ -224,6 +224,9 @@ def _log_startup(config: Config) -> None:
             "never": f"{crash}; power loss whatever the OS had not written back",
         }[audit.sync]
         audit_text = f"{os.path.abspath(audit.path)} (sync={audit.sync}, loss window: {window})"
+        if audit.postgres is not None:  # never the DSN: it may hold a password
+            pg = audit.postgres
+            audit_text += f", shipped to PostgreSQL table {pg.table} as instance {pg.instance!r}"
     else:
         audit_text = "DISABLED"
     auth = f"on ({len(config.keys)} keys)" if config.keys else "off (no [[keys]] configured)"

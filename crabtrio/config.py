@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import os
 import re
+import socket
 import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 ENV_CONFIG = "CRABTRIO_CONFIG"
 LOCAL_CONFIG = "crabtrio.toml"
@@ -99,6 +101,17 @@ class Pricing:
 
 
 @dataclass(frozen=True, slots=True)
+class PostgresConfig:
+    """`[audit.postgres]`: ship every record to PostgreSQL and answer fleet-wide queries."""
+
+    dsn: str  # may hold a password: never logged, never in an error
+    instance: str  # this replica's name on every shipped row
+    table: str = "crabtrio_audit"
+    batch_max: int = 5000
+    retention_days: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AuditConfig:
     path: str = DEFAULT_AUDIT_PATH
     enabled: bool = True
@@ -110,6 +123,7 @@ class AuditConfig:
     max_file_mb: float | None = 256.0
     retention_days: float | None = None
     max_total_mb: float | None = None
+    postgres: PostgresConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,7 +478,7 @@ class _Parser:
         entry = self.table("audit", raw)
         fields = ("path", "enabled", "sync", "sync_interval_ms", "queue_max")
         limits = ("max_file_mb", "retention_days", "max_total_mb")
-        self.known("audit", entry, fields + limits)
+        self.known("audit", entry, (*fields, *limits, "postgres"))
         sync = self.string("audit.sync", entry.get("sync", "interval"))
         if sync not in SYNC_MODES:
             raise self.fail("audit.sync", f"unknown mode {sync!r} (use interval, always or never)")
@@ -487,7 +501,47 @@ class _Parser:
             or None,
             retention_days=optional("retention_days", positive),
             max_total_mb=optional("max_total_mb", positive),
+            postgres=self.postgres(entry["postgres"]) if "postgres" in entry else None,
         )
+
+    def postgres(self, raw: Any) -> PostgresConfig:
+        where = "audit.postgres"
+        entry = self.table(where, raw)
+        self.known(where, entry, ("dsn", "instance", "table", "batch_max", "retention_days"))
+        if "dsn" not in entry:
+            raise self.fail(f"{where}.dsn", "is required (postgresql://user:password@host/db)")
+        dsn = self.string(f"{where}.dsn", entry["dsn"])
+        if not dsn.startswith(("postgresql://", "postgres://")):  # the text itself may be secret
+            raise self.fail(f"{where}.dsn", "must be a postgresql:// URL")
+        try:
+            parts = urlsplit(dsn)
+            parts.port  # noqa: B018 - raises ValueError for a port that is no number or too big
+        except ValueError:
+            raise self.fail(
+                f"{where}.dsn", "is not a valid URL (check the host and port)"
+            ) from None
+        instance = self.string(f"{where}.instance", entry.get("instance", socket.gethostname()))
+        if len(instance) > 200:
+            raise self.fail(f"{where}.instance", "must be at most 200 characters")
+        table = self.string(f"{where}.table", entry.get("table", "crabtrio_audit"))
+        if not _TABLE_NAME.fullmatch(table):
+            raise self.fail(
+                f"{where}.table", "must be a lower-case SQL name: a-z, 0-9 and _, up to 40"
+            )
+        retention = entry.get("retention_days")
+        return PostgresConfig(
+            dsn=dsn,
+            instance=instance,
+            table=table,
+            batch_max=self.integer(f"{where}.batch_max", entry.get("batch_max", 5000), minimum=1),
+            retention_days=None
+            if retention is None
+            else self.number(f"{where}.retention_days", retention, minimum=1),
+        )
+
+
+# A table name we put into SQL text (with `_p20261130` and `_checkpoints` suffixes).
+_TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 
 
 def _kind(value: Any) -> str:

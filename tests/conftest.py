@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,6 +13,8 @@ from trio.testing import MockClock
 
 from crabtrio import routing
 from crabtrio.audit import store
+
+from .postgres import PostgresServer, running_postgres
 
 
 @pytest.fixture
@@ -67,3 +70,18 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> FullDisk:
 
     monkeypatch.setattr(store.AuditFile, "append", append)
     return disk
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (tests that kill it start their own)."""
+    with running_postgres(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres: PostgresServer, request: pytest.FixtureRequest) -> str:
+    """A fresh database on the session's server, for one test."""
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[-50:]
+    postgres.psql(f"DROP DATABASE IF EXISTS {name}")
+    return postgres.create_database(name)

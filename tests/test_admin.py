@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import socket
 from urllib.parse import quote
 
 import orjson
 import pytest
+import trio
 
 from crabtrio.admin import decode_cursor, encode_cursor, parse_query
+from crabtrio.errors import InvalidRequest
 
 from .harness import BASE, TEAM_A, gateway
 
@@ -192,3 +195,101 @@ async def test_client_disconnect_mid_stream_is_recorded_as_499(tmp_path) -> None
     (record,) = gw.records()
     assert (record["request_id"], record["status"], record["stream"]) == (request_id, 499, True)
     assert "client disconnected" in record["error"]
+
+
+# --- scope=fleet ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("?scope=bogus", "scope"),
+        ("?scope=", "scope"),
+        ("?scope=FLEET", "scope"),
+        ("?scope=fleet&scope=local", "scope"),
+        ("?instance=gw-a", "instance"),
+        ("?scope=local&instance=gw-a", "instance"),
+        ("?scope=fleet", "scope"),  # no [audit.postgres] in this gateway's config
+        ("?scope=fleet&instance=gw-a&key=team-a", "scope"),
+    ],
+)
+async def test_bad_scope_or_instance_is_400_naming_it(tmp_path, query, param) -> None:
+    async with gateway(tmp_path) as gw:
+        response = await logs(gw, query)
+        error = orjson.loads(await response.get_data())["error"]
+        assert response.status_code == 400
+        assert error["param"] == param and param in error["message"]
+
+
+def test_scope_and_instance_parse() -> None:
+    assert parse_query([("scope", "local")]) == {"filters": {}, "limit": 100}
+    assert parse_query([("instance", "gw-a"), ("scope", "fleet"), ("key", "k")]) == {
+        "filters": {"key": "k"},
+        "limit": 100,
+        "scope": "fleet",
+        "instance": "gw-a",
+    }
+    with pytest.raises(InvalidRequest) as long_instance:
+        parse_query([("scope", "fleet"), ("instance", "i" * 257)])
+    assert long_instance.value.param == "instance"
+
+
+def postgres_audit(dsn: str) -> str:
+    return f'[audit.postgres]\ndsn = "{dsn}"\ninstance = "gw-a"\n'
+
+
+async def test_fleet_scope_pages_what_was_shipped_like_the_local_scope(
+    tmp_path, postgres_dsn
+) -> None:
+    async with gateway(tmp_path, audit=postgres_audit(postgres_dsn)) as gw:
+        ids = await fill(gw, 12)
+        local = orjson.loads(await (await logs(gw, "?limit=1000")).get_data())
+        assert len(local) == 12
+
+        async def fleet(query: str) -> tuple[list[dict], str | None]:
+            response = await logs(gw, f"?scope=fleet&{query}")
+            assert response.status_code == 200, await response.get_data()
+            return orjson.loads(await response.get_data()), response.headers.get("x-next-cursor")
+
+        async def shipped() -> int:  # 503 until the shipper has created the table
+            response = await logs(gw, "?scope=fleet&limit=1000")
+            return (
+                len(orjson.loads(await response.get_data())) if response.status_code == 200 else 0
+            )
+
+        with trio.move_on_after(15):
+            while await shipped() < 12:
+                await trio.sleep(0.05)
+        everything, cursor = await fleet("limit=1000")
+        assert everything == [{**record, "instance": "gw-a"} for record in local]
+        assert cursor is None
+        assert sorted(r["request_id"] for r in everything) == sorted(ids)
+
+        team_a = [r["request_id"] for r in local if r["key_name"] == "team-a"]
+        seen: list[str] = []
+        query = "key=team-a&instance=gw-a&limit=3"
+        while True:
+            page, cursor = await fleet(query)
+            assert len(page) <= 3
+            seen += [r["request_id"] for r in page]
+            if cursor is None:
+                break
+            query = f"key=team-a&instance=gw-a&limit=3&before={cursor}"
+        assert seen == team_a
+        assert (await fleet("instance=gw-b"))[0] == []
+
+
+async def test_fleet_scope_with_postgres_down_is_503_without_the_password(tmp_path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dsn = f"postgresql://u:s3cret-pw@127.0.0.1:{port}/db"
+    async with gateway(tmp_path, audit=postgres_audit(dsn)) as gw:
+        with trio.fail_after(5):
+            response = await logs(gw, "?scope=fleet")
+        body = await response.get_data()
+        assert response.status_code == 503
+        assert orjson.loads(body)["error"]["code"] == "fleet_unavailable"
+        assert b"s3cret-pw" not in body
+        # The local scope still answers.
+        assert (await logs(gw)).status_code == 200

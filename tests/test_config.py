@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from crabtrio.config import EMBEDDED_SOURCE, ConfigError, load_config, parse_config
+from crabtrio.config import (
+    EMBEDDED_SOURCE,
+    ConfigError,
+    PostgresConfig,
+    load_config,
+    parse_config,
+)
 
 GOOD = """
 admin_token = "${TEST_ADMIN_TOKEN}"
@@ -210,3 +221,140 @@ def test_bad_upstream_client_settings_name_the_field(setting: str, message: str)
     with pytest.raises(ConfigError) as error:
         parse_config(text, "c.toml")
     assert str(error.value) == f"c.toml: {message}"
+
+
+# --- [audit.postgres] ----------------------------------------------------------------------
+
+SECRET_DSN = "postgresql://crab:pw-hunter2@db.internal:5432/audit"
+PROVIDERS = "[providers.x]\nmodels = ['a']\n"
+
+
+def with_postgres(body: str) -> str:
+    return f"{PROVIDERS}[audit]\npath = 'a.jsonl'\n[audit.postgres]\n{body}\n"
+
+
+def test_without_audit_postgres_nothing_of_the_fleet_is_loaded(tmp_path) -> None:
+    assert parse_config(GOOD, "good.toml").audit.postgres is None
+    # A gateway without [audit.postgres] never imports asyncpg or trio-asyncio: not while
+    # loading its config, nor while its audit log writes and reads.
+    (tmp_path / "c.toml").write_text(f"{PROVIDERS}[audit]\npath = '{tmp_path / 'a.jsonl'}'\n")
+    script = f"""
+import sys, trio
+import crabtrio, crabtrio.app
+from crabtrio.audit import AuditLog
+from crabtrio.config import load_config
+from tests.audit.records import record
+
+def fleet():
+    return sorted(m for m in sys.modules if m.split(".")[0] in ("asyncpg", "trio_asyncio"))
+
+config = load_config({str(tmp_path / "c.toml")!r})
+assert config.audit.postgres is None
+
+async def main():
+    async with AuditLog.open(config.audit) as audit:
+        await audit.settle(audit.record(record(1)))
+        lines, _ = await audit.query()
+        assert len(lines) == 1
+
+trio.run(main)
+assert fleet() == [], fleet()
+import crabtrio.fleet.shipper  # the check itself: the fleet modules do import them
+assert "asyncpg" in fleet() and "trio_asyncio" in fleet(), fleet()
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ok\n"
+
+
+def test_audit_postgres_defaults_and_env_expansion(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_PG_PASSWORD", "pw-hunter2")
+    config = parse_config(
+        with_postgres('dsn = "postgresql://crab:${TEST_PG_PASSWORD}@db.internal/audit"'), "c.toml"
+    )
+    postgres = config.audit.postgres
+    assert postgres is not None
+    assert postgres.dsn == "postgresql://crab:pw-hunter2@db.internal/audit"
+    assert (postgres.instance, postgres.table, postgres.batch_max, postgres.retention_days) == (
+        socket.gethostname(),
+        "crabtrio_audit",
+        5000,
+        None,
+    )
+    assert config.warnings == ()
+    custom = parse_config(
+        with_postgres(
+            f'dsn = "{SECRET_DSN.replace("postgresql", "postgres")}"\ninstance = "gw-7"\n'
+            'table = "_fleet_2"\nbatch_max = 1\nretention_days = 30\nbatchmax = 5'
+        ),
+        "c.toml",
+    )
+    assert custom.audit.postgres == PostgresConfig(
+        dsn=SECRET_DSN.replace("postgresql", "postgres"),
+        instance="gw-7",
+        table="_fleet_2",
+        batch_max=1,
+        retention_days=30.0,
+    )
+    assert custom.warnings == ("c.toml: audit.postgres.batchmax: unknown setting, ignored",)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('instance = "gw-1"', "dsn"),
+        (f'dsn = "{SECRET_DSN.replace("postgresql://", "mysql://")}"', "dsn"),
+        (f'dsn = "{SECRET_DSN.replace("postgresql://", "")}"', "dsn"),
+        (f'dsn = " {SECRET_DSN}"', "dsn"),
+        ('dsn = ""', "dsn"),
+        ("dsn = 12345", "dsn"),
+        ('dsn = "${MISSING_PG_DSN_FOR_TEST}"', "dsn"),
+        (f'dsn = "{SECRET_DSN}"\ntable = "Audit"', "table"),
+        (f'dsn = "{SECRET_DSN}"\ntable = "audit-log"', "table"),
+        (f'dsn = "{SECRET_DSN}"\ntable = "1audit"', "table"),
+        (f'dsn = "{SECRET_DSN}"\ntable = "a; drop table x"', "table"),
+        (f'dsn = "{SECRET_DSN}"\ntable = "{"a" * 41}"', "table"),
+        (f'dsn = "{SECRET_DSN}"\ntable = ""', "table"),
+        (f'dsn = "{SECRET_DSN}"\nbatch_max = 0', "batch_max"),
+        (f'dsn = "{SECRET_DSN}"\nbatch_max = 1.5', "batch_max"),
+        (f'dsn = "{SECRET_DSN}"\nretention_days = 0', "retention_days"),
+        (f'dsn = "{SECRET_DSN}"\ninstance = ""', "instance"),
+        (f'dsn = "{SECRET_DSN}"\ninstance = "{"i" * 201}"', "instance"),
+    ],
+)
+def test_bad_audit_postgres_names_the_field_never_the_dsn(body: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(with_postgres(body), "bad.toml")
+    message = str(info.value)
+    assert message.startswith(f"bad.toml: audit.postgres.{field}: "), message
+    for secret in ("pw-hunter2", "db.internal", "12345"):
+        assert secret not in message
+
+
+def test_audit_postgres_must_be_a_table() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'{PROVIDERS}[audit]\npostgres = "{SECRET_DSN}"\n', "bad.toml")
+    assert str(info.value) == "bad.toml: audit.postgres: expected a table, got a string"
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://crab:pw-hunter2@db.internal:port/audit",
+        "postgresql://crab:pw-hunter2@db.internal:99999/audit",
+        "postgresql://crab:pw-hunter2@[::1/audit",
+    ],
+    ids=["port-not-a-number", "port-out-of-range", "broken-ipv6"],
+)
+def test_a_dsn_the_driver_cannot_use_is_a_config_error(dsn: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(with_postgres(f'dsn = "{dsn}"'), "bad.toml")
+    assert str(info.value).startswith("bad.toml: audit.postgres.dsn: ")
+    assert "pw-hunter2" not in str(info.value)

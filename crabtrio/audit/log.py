@@ -10,17 +10,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..config import AuditConfig
-from ..errors import Unavailable
+from ..errors import InvalidRequest, Unavailable
 from .columns import Cursor
 from .reader import AuditReader
 from .record import AuditRecord
 from .rollups import DIMENSIONS, HOUR_MS
 from .writer import AuditLogger, AuditStatistics
+
+if TYPE_CHECKING:  # the fleet modules import asyncpg: only when [audit.postgres] is set
+    from ..fleet.shipper import Shipper
 
 # How long a query waits for this process's accepted records to be written (read your writes).
 READ_YOUR_WRITES_SECONDS = 1.0
@@ -29,23 +32,43 @@ THREADED_READ_LINES = 200
 
 
 class AuditLog:
-    def __init__(self, config: AuditConfig, writer: AuditLogger, reader: AuditReader | None):
+    def __init__(
+        self,
+        config: AuditConfig,
+        writer: AuditLogger,
+        reader: AuditReader | None,
+        shipper: Shipper | None = None,
+    ):
         self.config = config
         self._writer = writer
         self._reader = reader
+        self._shipper = shipper
 
     @classmethod
     @asynccontextmanager
     async def open(cls, config: AuditConfig) -> AsyncIterator[AuditLog]:
         """Open the file for appending (OSError if it cannot be), replay it into the index,
-        and run the writer and the follower until the block exits."""
+        and run the writer, the follower and (with `[audit.postgres]`) the shipper until the
+        block exits."""
         async with AuditLogger.open(config) as writer:
             if not writer.enabled:
                 yield cls(config, writer, None)
                 return
             async with AuditReader.open(config.path) as reader:
-                writer.on_written = reader.nudge
-                yield cls(config, writer, reader)
+                if config.postgres is None:
+                    writer.on_written = reader.nudge
+                    yield cls(config, writer, reader)
+                    return
+                from ..fleet.shipper import Shipper
+
+                async with Shipper.open(config.postgres, config.path) as shipper:
+
+                    def written() -> None:
+                        reader.nudge()
+                        shipper.nudge()
+
+                    writer.on_written = written
+                    yield cls(config, writer, reader, shipper)
 
     @property
     def enabled(self) -> bool:
@@ -107,6 +130,43 @@ class AuditLog:
         reader = await self._current()
         return reader.index.rollups(
             since=since, until=until, filters=filters, group_by=group_by, interval=interval
+        )
+
+    @property
+    def fleet(self) -> bool:
+        """Whether records are shipped to PostgreSQL (fleet queries can be answered)."""
+        return self._shipper is not None
+
+    def shipping(self) -> dict[str, Any] | None:
+        """The /health `shipping` block, or None when shipping is off."""
+        return None if self._shipper is None else self._shipper.status()
+
+    async def fleet_query(
+        self,
+        *,
+        filters: dict[str, Any] | None = None,
+        instance: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        before: Cursor | None = None,
+        limit: int = 100,
+    ) -> tuple[list[dict[str, Any]], Cursor | None]:
+        """Records of every instance from PostgreSQL (see `fleet.query`)."""
+        if self._shipper is None or self.config.postgres is None:
+            raise InvalidRequest(
+                "scope=fleet needs [audit.postgres] in the gateway's config", param="scope"
+            )
+        from ..fleet import query
+
+        return await query.query(
+            self._shipper.database,
+            self.config.postgres.table,
+            filters=filters,
+            instance=instance,
+            since=since,
+            until=until,
+            before=before,
+            limit=limit,
         )
 
     def statistics(self) -> AuditStatistics:

@@ -7,11 +7,11 @@ import os
 import re
 import time
 
-_STAMP = r"\d{8}T\d{6}\.\d{3}Z(?:-\d+)?"
+_STAMP = r"(\d{8}T\d{6}\.\d{3}Z)(?:-(\d+))?"
 
 
 def rotated_name_pattern(path: str) -> re.Pattern[str]:
-    """Rotated siblings are `<stem>-<UTC timestamp>[-n]<suffix>`: names sort by age."""
+    """Rotated siblings are `<stem>-<UTC timestamp>[-n]<suffix>` (see `rotated_siblings`)."""
     stem, suffix = os.path.splitext(os.path.basename(path))
     return re.compile(rf"^{re.escape(stem)}-{_STAMP}{re.escape(suffix)}$")
 
@@ -26,10 +26,13 @@ def rotated_siblings(path: str) -> list[str]:
     directory = os.path.dirname(os.path.abspath(path))
     pattern = rotated_name_pattern(path)
     try:
-        names = sorted(name for name in os.listdir(directory) if pattern.match(name))
+        found = [(pattern.match(name), name) for name in os.listdir(directory)]
     except FileNotFoundError:
         return []
-    return [os.path.join(directory, name) for name in names]
+    # By stamp, then by the `-n` of rotations within one millisecond (none comes first):
+    # as plain names, `...000Z-1.jsonl` would sort before `...000Z.jsonl`.
+    keyed = sorted((m.group(1), int(m.group(2) or 0), name) for m, name in found if m)
+    return [os.path.join(directory, name) for _, _, name in keyed]
 
 
 def rotated_name(path: str, now: float) -> str:

@@ -17,7 +17,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .rotation import expired, rotated_name, sidecar_path
@@ -160,8 +160,15 @@ class AuditFile:
         log.info("audit: rotated %s to %s", self.path, os.path.basename(target))
         return target
 
-    def prune(self, *, retention_days: float | None, max_total_bytes: int | None) -> list[str]:
-        """Delete rotated files past the retention limits, under the lock; return them."""
+    def prune(
+        self,
+        *,
+        retention_days: float | None,
+        max_total_bytes: int | None,
+        shipped_only: Callable[[str, list[str]], list[str]] | None = None,
+    ) -> list[str]:
+        """Delete rotated files past the retention limits, under the lock; return them.
+        `shipped_only(path, files)` keeps those not yet shipped to PostgreSQL."""
         if retention_days is None and max_total_bytes is None:
             return []
         with self.locked():
@@ -171,6 +178,14 @@ class AuditFile:
                 max_total_bytes=max_total_bytes,
                 now=time.time(),
             )
+            if shipped_only is not None and doomed:
+                kept = set(doomed) - set(shipped_only(self.path, doomed))
+                if kept:
+                    log.warning(
+                        "audit: retention keeps %d file(s) not yet shipped to PostgreSQL",
+                        len(kept),
+                    )
+                doomed = [f for f in doomed if f not in kept]
             for path in doomed:
                 for gone in (path, sidecar_path(path)):
                     with contextlib.suppress(FileNotFoundError):

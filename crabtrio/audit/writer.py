@@ -94,6 +94,12 @@ class AuditLogger:
         self._max_total = None if config.max_total_mb is None else int(config.max_total_mb * MIB)
         self._retention = config.retention_days is not None or self._max_total is not None
         self._next_prune = 0.0
+        # With shipping on, retention deletes only files whose records are all shipped.
+        self._shipped_only: Callable[[str, list[str]], list[str]] | None = None
+        if config.postgres is not None:
+            from ..fleet.local import shipped_only
+
+            self._shipped_only = shipped_only
 
     @classmethod
     @asynccontextmanager
@@ -297,7 +303,9 @@ class AuditLogger:
         if result.rotated_to is not None or self._prune_due():
             self._next_prune = time.monotonic() + PRUNE_SECONDS
             self._file.prune(
-                retention_days=self.config.retention_days, max_total_bytes=self._max_total
+                retention_days=self.config.retention_days,
+                max_total_bytes=self._max_total,
+                shipped_only=self._shipped_only,
             )
         return outcome
 

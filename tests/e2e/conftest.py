@@ -26,8 +26,13 @@ def upstream(tmp_path: Path) -> Iterator[MockUpstream]:
 def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     started: list[Gateway] = []
 
-    def start(config: str | None, **options: Any) -> Gateway:
-        gateway = Gateway(tmp_path, config, **options)
+    def start(config: str | None, *, home: str | None = None, **options: Any) -> Gateway:
+        """`home`: a subdirectory of its own (each gateway writes its config file there)."""
+        directory = tmp_path
+        if home is not None:
+            directory = tmp_path / home
+            directory.mkdir(exist_ok=True)
+        gateway = Gateway(directory, config, **options)
         started.append(gateway)
         return gateway
 

@@ -26,7 +26,10 @@ def records(path: Path) -> list[dict]:
 
 
 def client(gateway, key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=20)
+    # No idle pooled connections: these clients are never closed, and a socket left open
+    # when the garbage collector finds one is a ResourceWarning (an error here).
+    http = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0), timeout=20)
+    return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, http_client=http)
 
 
 def test_chat_stream_and_embeddings_through_the_openai_client(
