@@ -10,8 +10,8 @@ Figures:
   that /health showed while wrk ran, and how long after the load the lag was 0;
 - chat throughput at c32 with shipping on against off, the runs alternated.
 
-`python bench/fleet_bench.py ship PATH DSN COUNT` is the shipping child (it imports crabtrio
-from PYTHONPATH: the run's snapshot).
+`python bench/fleet_bench.py ship PATH DSN COUNT` is the shipping child, `idle PATH DSN` the
+caught-up shipper's (they import crabtrio from PYTHONPATH: the run's snapshot).
 """
 
 from __future__ import annotations
@@ -28,15 +28,16 @@ from typing import Any
 
 import audit_data
 from audit_bench import admin_query_figures
-from procs import child_json
+from procs import child_json, cpu_seconds, group_pids
 from scenarios import SCENARIOS
 from targets import crabtrio_config, start_crabtrio
 from wrk import run_wrk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.postgres import running_postgres
+from tests.postgres import PostgresServer, running_postgres, server_processes
 
 INSTANCE = "bench-a"
+IDLE_SECONDS = 10
 
 
 def _postgres_section(dsn: str, instance: str) -> str:
@@ -72,6 +73,29 @@ def _ship_main(path: str, dsn: str, count: int) -> None:
     print(json.dumps(trio.run(main)))
 
 
+def _idle_main(path: str, dsn: str) -> None:
+    """CPU per second of a caught-up shipper (its polls, pings and status writes)."""
+    import trio
+
+    from crabtrio.config import PostgresConfig
+    from crabtrio.fleet.shipper import Shipper
+
+    async def main() -> dict[str, Any]:
+        async with Shipper.open(PostgresConfig(dsn=dsn, instance="bench-idle"), path) as shipper:
+            with trio.fail_after(60):
+                while shipper.status()["state"] != "ok":
+                    await trio.sleep(0.05)
+            cpu, start = time.process_time(), time.perf_counter()
+            await trio.sleep(IDLE_SECONDS)
+            return {
+                "cpu_ms_per_s": round(
+                    (time.process_time() - cpu) * 1000 / (time.perf_counter() - start), 3
+                )
+            }
+
+    print(json.dumps(trio.run(main)))
+
+
 def _health(port: int) -> dict[str, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
@@ -81,8 +105,11 @@ def _health(port: int) -> dict[str, Any]:
         conn.close()
 
 
-def chat_load(config: str, workdir: Path, name: str, seconds: int) -> dict[str, Any]:
-    """wrk's chat scenario against a fresh gateway, /health sampled every 0.2 s meanwhile."""
+def chat_load(
+    config: str, workdir: Path, name: str, seconds: int, server: PostgresServer | None = None
+) -> dict[str, Any]:
+    """wrk's chat scenario against a fresh gateway, /health sampled every 0.2 s meanwhile;
+    CPU per request of the gateway's processes (and of PostgreSQL's, when it ships)."""
     chat = next(s for s in SCENARIOS if s.name == "chat")
     body = workdir / "fleet-chat.json"
     body.write_bytes(chat.body_bytes())
@@ -99,6 +126,16 @@ def chat_load(config: str, workdir: Path, name: str, seconds: int) -> dict[str, 
     sampler = threading.Thread(target=sample, daemon=True)
     try:
         request = gateway.request(chat)
+        if server is not None:  # connected: its backends are counted from the start
+            deadline = time.monotonic() + 30
+            while (_health(gateway.port).get("shipping") or {}).get("state") != "ok":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the gateway never reached PostgreSQL")
+                time.sleep(0.1)
+        assert gateway.process is not None
+        pids = group_pids(gateway.process.pid)
+        database = server_processes(server.datadir) if server is not None else []
+        cpu, database_cpu = cpu_seconds(pids), cpu_seconds(database)
         sampler.start()
         result = run_wrk(
             f"http://127.0.0.1:{gateway.port}{chat.path}",
@@ -107,9 +144,18 @@ def chat_load(config: str, workdir: Path, name: str, seconds: int) -> dict[str, 
             connections=chat.connections,
             seconds=seconds,
         )
+        cpu = cpu_seconds(pids) - cpu
+        database_cpu = cpu_seconds(database) - database_cpu
         stop.set()
         sampler.join(10)
-        out: dict[str, Any] = {"rps": round(result.rps, 1), "errors": result.errors}
+        served = max(1, result.requests)
+        out: dict[str, Any] = {
+            "rps": round(result.rps, 1),
+            "errors": result.errors,
+            "cpu_ms_per_request": round(cpu * 1000 / served, 4),
+        }
+        if server is not None:
+            out["postgres_cpu_ms_per_request"] = round(database_cpu * 1000 / served, 4)
         if lags:
             start = time.monotonic()
             while (_health(gateway.port)["shipping"] or {}).get("lag_records"):
@@ -135,6 +181,13 @@ def run(cache_dir: Path, workdir: Path, quick: bool) -> dict[str, Any]:
         shutil.copyfile(source, served)
         shipping = ship_in_child(served, dsn, count, workdir)
         results["shipping"] = shipping
+        shipping["cpu_us_per_record"] = round(shipping["shipper_cpu_s"] * 1e6 / count, 2)
+        idle = workdir / "fleet-idle" / "audit.jsonl"
+        idle.parent.mkdir(parents=True, exist_ok=True)
+        idle.write_bytes(b"")
+        results["idle_shipper"] = child_json(
+            [__file__, "idle", str(idle), server.create_database("fleet_idle")], workdir, 300
+        )
         print(
             f"  fleet: shipped {shipping['records']:,} records in {shipping['seconds']:.1f}s "
             f"({shipping['records_per_s']:,} records/s; shipper CPU {shipping['shipper_cpu_s']}s)",
@@ -161,21 +214,52 @@ def run(cache_dir: Path, workdir: Path, quick: bool) -> dict[str, Any]:
                     config += _postgres_section(
                         server.create_database(f"fleet_load_{number}"), "bench-load"
                     )
-                runs[mode].append(chat_load(config, workdir, f"crabtrio-fleet-{mode}", seconds))
+                runs[mode].append(
+                    chat_load(
+                        config,
+                        workdir,
+                        f"crabtrio-fleet-{mode}",
+                        seconds,
+                        server if mode == "on" else None,
+                    )
+                )
         on = statistics.median(r["rps"] for r in runs["on"])
         off = statistics.median(r["rps"] for r in runs["off"])
+        cpu_on = statistics.median(r["cpu_ms_per_request"] for r in runs["on"])
+        cpu_off = statistics.median(r["cpu_ms_per_request"] for r in runs["off"])
         results["load"] = {
             "runs": runs,
             "rps_on": on,
             "rps_off": off,
             "cost_pct": round((1 - on / off) * 100, 1),
+            "cpu_ms_on": cpu_on,
+            "cpu_ms_off": cpu_off,
+            "cpu_cost_pct": round((cpu_on / cpu_off - 1) * 100, 1),
+            "postgres_cpu_ms": statistics.median(
+                r["postgres_cpu_ms_per_request"] for r in runs["on"]
+            ),
+            # The shipper's own CPU (per record shipped, and per second while caught up) over
+            # the gateway's CPU at the load's rate: what the request path gives up, without
+            # the 2x run-to-run noise of the throughput figures on this machine.
+            "shipper_share_pct": round(
+                (
+                    results["idle_shipper"]["cpu_ms_per_s"] / 1000
+                    + shipping["cpu_us_per_record"] / 1e6 * off
+                )
+                / (cpu_off / 1000 * off)
+                * 100,
+                2,
+            ),
             "lag_max_s": max(r["lag_max_s"] for r in runs["on"]),
             "drained_after_s": max(r["drained_after_s"] for r in runs["on"]),
         }
         load = results["load"]
         print(
             f"  fleet: chat c32 {on:.0f} req/s shipping on, {off:.0f} off "
-            f"(cost {load['cost_pct']}%); lag under load at most {load['lag_max_s']}s, "
+            f"(cost {load['cost_pct']}%); gateway CPU per request {cpu_on:.3f} ms on, "
+            f"{cpu_off:.3f} ms off ({load['cpu_cost_pct']:+}%), PostgreSQL "
+            f"{load['postgres_cpu_ms']:.3f} ms; the shipper's own share of the gateway's CPU "
+            f"{load['shipper_share_pct']}%; lag under load at most {load['lag_max_s']}s, "
             f"0 within {load['drained_after_s']}s after",
             flush=True,
         )
@@ -200,6 +284,8 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "ship":
         _ship_main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "idle":
+        _idle_main(sys.argv[2], sys.argv[3])
     elif len(sys.argv) <= 2:
         main()
     else:

@@ -295,6 +295,8 @@ def check_targets(results: dict[str, Any], summary: dict[str, Any]) -> list[Chec
         fleet(f"queries/{query}/p99_ms", "<= 20 ms", lambda v: v <= 20, " ms")
         fleet(f"queries/{query}/same_answer", "same as the scan", lambda v: v is True)
     fleet("load/cost_pct", "<= 3 %", lambda v: v <= 3, " %")
+    fleet("load/cpu_cost_pct", "<= 3 % (gateway CPU per request)", lambda v: v <= 3, " %")
+    fleet("load/shipper_share_pct", "<= 3 % (the shipper's CPU)", lambda v: v <= 3, " %")
     return checks
 
 

@@ -61,13 +61,8 @@ class AuditLog:
                     return
                 from ..fleet.shipper import Shipper
 
+                writer.on_written = reader.nudge
                 async with Shipper.open(config.postgres, config.path) as shipper:
-
-                    def written() -> None:
-                        reader.nudge()
-                        shipper.nudge()
-
-                    writer.on_written = written
                     yield cls(config, writer, reader, shipper)
 
     @property

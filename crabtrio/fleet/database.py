@@ -75,6 +75,8 @@ class Connection:
         await self.execute("BEGIN")
         try:
             yield
+        except trio.Cancelled:
+            raise  # mid-command: the owner closes the connection, ending the transaction
         except BaseException:
             if not self.raw.is_closed():
                 with trio.CancelScope(shield=True), trio.move_on_after(CONNECT_SECONDS):

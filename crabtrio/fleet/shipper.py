@@ -6,7 +6,8 @@ the lock every second and take over when its holder dies (the kernel releases it
 
 Each batch (whole lines of one file, at most `batch_max`) is written with COPY, and the
 checkpoint `(instance, file_id, offset)` is advanced in the same transaction, so a crash
-at any point neither loses nor duplicates a row. The checkpoint is advanced only from the
+at any point neither loses nor duplicates a row. With a backlog two batches are in flight,
+committed in order (see `_ship`). The checkpoint is advanced only from the
 value this shipper read: if another shipper moved it (two replicas given one instance
 name), the transaction rolls back and the shipper re-reads it. When rows may already be
 there (the checkpoint's file is gone, so files are shipped from their start), the COPY
@@ -47,9 +48,8 @@ from .rows import COLUMNS, rows
 log = logging.getLogger("crabtrio.fleet")
 
 LOCK_POLL_SECONDS = 1.0
-# How long a shipper with nothing to ship waits before looking at the files again (the
-# writer of this worker nudges it sooner; other workers' writes are found by this poll).
-IDLE_SECONDS = 0.25
+# A shipper that is caught up ships what was written since at most this often.
+SHIP_EVERY_SECONDS = 0.5
 BACKOFF_FIRST_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
 # A transaction that takes longer than this is abandoned (its connection closed) and retried.
@@ -68,6 +68,7 @@ UNIQUE_VIOLATION = "23505"
 class _Prepared:
     rows: list[tuple[Any, ...]]
     checkpoint: Checkpoint  # where the checkpoint stands once these rows are committed
+    full: bool  # batch_max lines: more are probably waiting
 
 
 class CheckpointMoved(Exception):
@@ -83,7 +84,6 @@ class Shipper:
         self._files = LocalFiles(path)
         self._checkpoint: Checkpoint | None = None
         self._lock_fd = -1
-        self._wake = trio.Event()
         self._days: set[int] = set()
         self._next_maintenance = 0.0
         self._status_written = 0.0
@@ -108,10 +108,6 @@ class Shipper:
     @property
     def database(self) -> Database:
         return self._db
-
-    def nudge(self) -> None:
-        """Records were written: look for them now rather than at the next poll."""
-        self._wake.set()
 
     def status(self) -> dict[str, Any]:
         """The /health `shipping` block: this worker's view when it ships, else the shipping
@@ -165,14 +161,14 @@ class Shipper:
         backoff = BACKOFF_FIRST_SECONDS
         while True:
             try:
-                async with self._db.connect() as conn:
+                async with self._db.connect() as conn, self._db.connect() as spare:
                     await schema.migrate(conn, self._table)
                     self._days = await schema.partitions(conn, self._table)
                     self._checkpoint = await self._read_checkpoint(conn)
                     await self._check_resumable()
                     self._next_maintenance = 0.0
                     backoff = BACKOFF_FIRST_SECONDS
-                    await self._ship(conn)
+                    await self._ship(conn, spare)
             except DatabaseError as exc:
                 self._down(str(exc))
             except OSError as exc:  # reading the audit files: retried like an outage
@@ -195,45 +191,70 @@ class Shipper:
             log.warning("fleet: cannot ship to PostgreSQL: %s; retrying", reason)
         self._state, self._error = "down", reason
 
-    async def _ship(self, conn: Connection) -> None:
-        """Ship batches as long as there are any; the next batch is read and decoded while
-        the database commits the current one."""
-        contact = time.monotonic()
-        ready: _Prepared | None = None
+    async def _ship(self, conn: Connection, spare: Connection) -> None:
+        """Ship while there is anything to ship.
+
+        With a backlog, two batches are in flight, one per connection: both COPY at once,
+        and the second advances the checkpoint only after the first has (its UPDATE waits
+        for the first's row lock, then checks the first's value), so they commit in file
+        order or not at all. Meanwhile the next batches are read and decoded. Caught up, a
+        batch goes every SHIP_EVERY_SECONDS: a transaction per write would cost the
+        request path more than the records are worth.
+        """
+        contact = last = time.monotonic()
+        ready: list[_Prepared] = []
         while True:
             if time.monotonic() >= self._next_maintenance:
                 await self._maintain(conn)
-            if ready is None:
-                ready = await self._prepare(self._checkpoint)
-            if ready is None:
-                if time.monotonic() - contact >= PING_SECONDS:
-                    await self._ping(conn)
-                    contact = time.monotonic()
-                await self._survey(force=self._state not in ("ok", "lagging"))
-                with trio.move_on_after(IDLE_SECONDS):
-                    await self._wake.wait()
-                self._wake = trio.Event()
-                continue
-            current, ready = ready, None
-            box: list[_Prepared | None] = []
+            if not ready:
+                first = await self._prepare(self._checkpoint)
+                wait = SHIP_EVERY_SECONDS - (time.monotonic() - last)
+                if first is None or (not first.full and wait > 0):
+                    if time.monotonic() - contact >= PING_SECONDS:
+                        await self._ping(conn)
+                        contact = time.monotonic()
+                    await self._survey(force=self._state not in ("ok", "lagging"))
+                    await trio.sleep(wait if wait > 0 else SHIP_EVERY_SECONDS)
+                    continue
+                ready = [first]
+                if first.full:
+                    second = await self._prepare(first.checkpoint)
+                    ready += [] if second is None else [second]
+            later: list[_Prepared] = []
+            if len(ready) == 2 and _overlap(ready[0], ready[1]):
+                # The file holds a record twice: in two transactions at once, each would
+                # wait for the other's row. One at a time, the second skips it.
+                ready, later = ready[:1], ready[1:]
+            days = {row[1] // schema.DAY_MS for batch in ready for row in batch.rows}
+            await self._ensure_days(conn, days)
+            following: list[_Prepared] = []
+            tail = (later or ready)[-1]
             failed: DatabaseError | CheckpointMoved | None = None
-
-            async def prepare_next(after: Checkpoint, box: list[_Prepared | None]) -> None:
-                with contextlib.suppress(OSError):  # raised again when read outside
-                    box.append(await self._prepare(after))
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(prepare_next, current.checkpoint, box)
+                if tail.full and not later:
+                    nursery.start_soon(self._prefetch, tail.checkpoint, following)
                 try:
-                    await self._commit(conn, current)
+                    await self._commit([(conn, ready[0]), *[(spare, b) for b in ready[1:]]])
                 except (DatabaseError, CheckpointMoved) as exc:  # not in an ExceptionGroup
                     failed = exc
                     nursery.cancel_scope.cancel()
             if failed is not None:
                 raise failed
-            ready = box[0] if box else None
-            contact = time.monotonic()
+            ready = later or following
+            contact = last = time.monotonic()
             await self._survey()
+
+    async def _prefetch(self, after: Checkpoint, into: list[_Prepared]) -> None:
+        """Read and decode up to two batches after `after` (errors: read again later)."""
+        with contextlib.suppress(OSError):
+            for _ in range(2):
+                batch = await self._prepare(after)
+                if batch is None:
+                    return
+                into.append(batch)
+                if not batch.full:
+                    return
+                after = batch.checkpoint
 
     async def _prepare(self, checkpoint: Checkpoint | None) -> _Prepared | None:
         """The batch after `checkpoint`, read (in a thread) and decoded, or None."""
@@ -248,7 +269,7 @@ class Shipper:
         if cutoff is not None:  # older than retention: its partition is (to be) dropped
             found = [row for row in found if row[1] >= cutoff]
         after = Checkpoint(batch.segment.file_id, os.path.basename(batch.segment.path), batch.end)
-        return _Prepared(found, after)
+        return _Prepared(found, after, batch.lines >= self.config.batch_max)
 
     async def _ping(self, conn: Connection) -> None:
         with trio.move_on_after(PING_SECONDS) as scope:
@@ -258,37 +279,75 @@ class Shipper:
         if self._state == "starting":
             self._state = "ok"
 
-    async def _commit(self, conn: Connection, batch: _Prepared) -> None:
-        found, after = batch.rows, batch.checkpoint
-        if found:
-            await self._ensure_days(conn, {row[1] // schema.DAY_MS for row in found})
-        with trio.move_on_after(COMMIT_SECONDS) as scope:
-            try:
-                async with conn.transaction():
-                    if found:
-                        await conn.copy_records(self._table, found, COLUMNS)
-                    await self._advance(conn, after)
-            except DatabaseError as exc:
-                if exc.sqlstate != UNIQUE_VIOLATION:
-                    raise
-                async with conn.transaction():  # some rows are there already: skip them
-                    await conn.execute(
-                        f"CREATE TEMP TABLE IF NOT EXISTS crabtrio_staging "
-                        f"(LIKE {self._table}) ON COMMIT DELETE ROWS"
-                    )
-                    await conn.copy_records("crabtrio_staging", found, COLUMNS)
-                    await conn.execute(
-                        f"INSERT INTO {self._table} SELECT * FROM crabtrio_staging "
-                        "ON CONFLICT DO NOTHING"
-                    )
-                    await self._advance(conn, after)
-        if scope.cancelled_caught:
-            raise DatabaseError(f"a batch took longer than {COMMIT_SECONDS:g} s to commit")
-        self._checkpoint = after
-        self.shipped += len(found)
+    async def _commit(self, lanes: list[tuple[Connection, _Prepared]]) -> None:
+        """Commit one or two consecutive batches, each in its own transaction on its own
+        connection, in order (see `_ship`). Raises the first one's error."""
+        errors: list[DatabaseError | CheckpointMoved] = []
+        before, ahead = self._checkpoint, None
+        async with trio.open_nursery() as nursery:
+            for conn, batch in lanes:
+                locked = trio.Event()
+                nursery.start_soon(
+                    self._commit_one, conn, batch, before, ahead, locked, errors, nursery
+                )
+                before, ahead = batch.checkpoint, locked
+        if errors:
+            raise errors[0]
+        for _, batch in lanes:
+            self.shipped += len(batch.rows)
+        self._checkpoint = lanes[-1][1].checkpoint
         if self._state in ("starting", "down"):
             log.info("fleet: shipping to PostgreSQL as instance %r", self.config.instance)
             self._state, self._error = "ok", None
+
+    async def _commit_one(
+        self,
+        conn: Connection,
+        batch: _Prepared,
+        before: Checkpoint | None,
+        ahead: trio.Event | None,
+        locked: trio.Event,
+        errors: list[DatabaseError | CheckpointMoved],
+        nursery: trio.Nursery,
+    ) -> None:
+        """One batch's transaction: its rows, then (once the batch ahead of it holds the
+        checkpoint row) the checkpoint from `before` to its own. A failure cancels the
+        other lane: the connections are closed and shipping resumes from PostgreSQL's
+        checkpoint."""
+        rows, after = batch.rows, batch.checkpoint
+
+        async def advance() -> None:
+            if ahead is not None:
+                await ahead.wait()
+            await self._advance(conn, before, after)
+            locked.set()
+
+        try:
+            with trio.move_on_after(COMMIT_SECONDS) as scope:
+                try:
+                    async with conn.transaction():
+                        if rows:
+                            await conn.copy_records(self._table, rows, COLUMNS)
+                        await advance()
+                except DatabaseError as exc:
+                    if exc.sqlstate != UNIQUE_VIOLATION:
+                        raise
+                    async with conn.transaction():  # some rows are there already: skip them
+                        await conn.execute(
+                            f"CREATE TEMP TABLE IF NOT EXISTS crabtrio_staging "
+                            f"(LIKE {self._table}) ON COMMIT DELETE ROWS"
+                        )
+                        await conn.copy_records("crabtrio_staging", rows, COLUMNS)
+                        await conn.execute(
+                            f"INSERT INTO {self._table} SELECT * FROM crabtrio_staging "
+                            "ON CONFLICT DO NOTHING"
+                        )
+                        await advance()
+            if scope.cancelled_caught:
+                raise DatabaseError(f"a batch took longer than {COMMIT_SECONDS:g} s to commit")
+        except (DatabaseError, CheckpointMoved) as exc:
+            errors.append(exc)
+            nursery.cancel_scope.cancel()
 
     async def _decode(self, data: bytes) -> list[tuple[Any, ...]]:
         """Rows of the batch, decoded a chunk at a time so the event loop keeps serving."""
@@ -307,8 +366,9 @@ class Shipper:
             await trio.lowlevel.checkpoint()
         return out
 
-    async def _advance(self, conn: Connection, after: Checkpoint) -> None:
-        before = self._checkpoint
+    async def _advance(
+        self, conn: Connection, before: Checkpoint | None, after: Checkpoint
+    ) -> None:
         table = f"{self._table}_checkpoints"
         result = await conn.execute(
             f"INSERT INTO {table} AS c (instance, file_id, file_name, file_offset) "
@@ -404,6 +464,12 @@ class Shipper:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
+
+
+def _overlap(first: _Prepared, second: _Prepared) -> bool:
+    """Whether two batches hold the same record (its primary key, less the instance)."""
+    keys = {(row[0], row[1]) for row in first.rows}
+    return any((row[0], row[1]) in keys for row in second.rows)
 
 
 def _age_seconds(oldest_ms: int | None) -> float:

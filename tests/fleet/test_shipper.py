@@ -532,12 +532,13 @@ async def test_of_two_workers_one_ships_and_the_other_takes_over(
         second: AuditLog = await nursery.start(worker, stop_second)
         await write(second, [record(2)])
         await caught_up(first, sql)
-        # The standby worker reports the shipping worker's status, and only one connects.
+        # The standby worker reports the shipping worker's status, and only one connects
+        # (a shipper keeps two connections: two batches are in flight with a backlog).
         assert second.shipping() == first.shipping()
         assert await sql.column(
             "select count(*) from pg_stat_activity "
             "where datname = current_database() and application_name = 'crabtrio'"
-        ) == ["1"]
+        ) == ["2"]
 
         stop_first.set()  # the shipping worker goes away; its lock with it
         await write(second, [record(3)])
@@ -563,3 +564,22 @@ async def test_a_stopped_shipper_reports_what_it_has_not_shipped(
         await eventually(stopped, "stopped", seconds=5)
         shipping = audit.shipping()
         assert shipping is not None and shipping["lag_records"] == 2
+
+
+async def test_a_backlog_ships_two_batches_at_a_time_in_order_and_once(
+    tmp_path: Path, postgres_dsn: str, sql: Sql
+) -> None:
+    """A backlog goes two batches at a time on two connections; the checkpoint still
+    moves batch by batch, and a record the file holds twice in neighbouring batches (in two
+    transactions at once, each would wait for the other) is shipped once, without a stall."""
+    records = [record(i) for i in range(40)]
+    lines = [r.to_line() for r in records]
+    lines.insert(21, lines[20])  # the same record in two neighbouring batches
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"".join(lines))
+    async with AuditLog.open(config(tmp_path, postgres_dsn, batch_max=3)) as audit:
+        await caught_up(audit, sql, seconds=10)
+        assert await shipped_ids(sql) == ids(records)
+        assert state(audit) in ("ok", "lagging")
+    ((_, _, offset),) = await checkpoint(sql)
+    assert int(offset) == path.stat().st_size
