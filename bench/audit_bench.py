@@ -171,12 +171,13 @@ def _naive_args(params: dict[str, Any], before: tuple[int, str] | None) -> dict[
 class _Admin:
     """Keep-alive GETs to /v1/admin/logs with the admin token."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, route: str = "/v1/admin/logs") -> None:
         self.port = port
+        self.route = route
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         self.idle_since = time.monotonic()
 
-    def get(self, params: dict[str, Any]) -> tuple[float, list[dict[str, Any]], str | None]:
+    def get(self, params: dict[str, Any]) -> tuple[float, Any, str | None]:
         if time.monotonic() - self.idle_since > 2:  # the server closes idle connections (5 s)
             self.conn.close()
             self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
@@ -184,7 +185,7 @@ class _Admin:
         start = time.perf_counter()
         self.conn.request(
             "GET",
-            "/v1/admin/logs?" + urlencode(params),
+            f"{self.route}?" + urlencode(params),
             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
         )
         response = self.conn.getresponse()
@@ -194,6 +195,41 @@ class _Admin:
         if response.status != 200:
             raise RuntimeError(f"admin query {params} answered {response.status}: {body[:200]!r}")
         return elapsed, orjson.loads(body), response.getheader("x-next-cursor")
+
+
+def usage_figures(port: int, since: int, until: int, repeats: int) -> dict[str, Any]:
+    """Time `/v1/admin/usage` over [since, until] (per key per day, and one key's total)."""
+    admin = _Admin(port, "/v1/admin/usage")
+    results: dict[str, Any] = {}
+    reports = {
+        "per key per day": {"group_by": "key", "interval": "day"},
+        "one key's total": {"key": audit_data.KEYS[3]},
+    }
+    for name, params in reports.items():
+        params = {**params, "since": since, "until": until}
+        for _ in range(5):
+            admin.get(params)  # untimed warm-up
+        times = []
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(repeats):
+                elapsed, body, _ = admin.get(params)
+                times.append(elapsed)
+        finally:
+            gc.enable()
+        results[name] = {
+            "rows": len(body["data"]),
+            "requests": sum(row["requests"] for row in body["data"]),
+            "p50_ms": round(percentile(times, 50) * 1000, 2),
+            "p99_ms": round(percentile(times, 99) * 1000, 2),
+        }
+        print(
+            f"  admin usage {name}: p50 {results[name]['p50_ms']} ms, "
+            f"p99 {results[name]['p99_ms']} ms ({results[name]['rows']} rows)",
+            flush=True,
+        )
+    return results
 
 
 def admin_queries(source: Path, workdir: Path, quick: bool) -> dict[str, Any]:

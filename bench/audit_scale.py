@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import audit_data
-from audit_bench import admin_query_figures
+from audit_bench import admin_query_figures, usage_figures
 from procs import child_json, group_pids
 from targets import crabtrio_config, start_crabtrio
 
@@ -177,6 +177,8 @@ def run(cache_dir: Path, workdir: Path, quick: bool) -> dict[str, Any]:
             flush=True,
         )
         results["admin"] = admin_query_figures(one.port, source, quick)
+        since = audit_data.START_MS
+        results["usage"] = usage_figures(one.port, since, since + 30 * DAY_MS, 50 if quick else 200)
     finally:
         one.stop()
 

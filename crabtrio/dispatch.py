@@ -178,11 +178,13 @@ async def _options(exchange: Exchange, scope: Scope, cors: bool) -> None:
 async def send_json(
     send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    """A whole JSON response, for the routes served straight from ASGI."""
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    await send(
-        {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
-    )
+    """A whole response, for the routes served straight from ASGI: JSON unless `extra`
+    names another content-type."""
+    extra = extra or []
+    headers = [(b"content-length", b"%d" % len(body))]
+    if not any(name == b"content-type" for name, _ in extra):
+        headers.append((b"content-type", b"application/json"))
+    await send({"type": "http.response.start", "status": status, "headers": headers + extra})
     await send({"type": "http.response.body", "body": body})
 
 

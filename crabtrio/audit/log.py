@@ -164,6 +164,16 @@ class AuditLog:
             limit=limit,
         )
 
+    async def fleet_usage(self, **report: Any) -> list[dict[str, Any]]:
+        """The usage report over every instance, from PostgreSQL (see `fleet.query.usage`)."""
+        if self._shipper is None or self.config.postgres is None:
+            raise InvalidRequest(
+                "scope=fleet needs [audit.postgres] in the gateway's config", param="scope"
+            )
+        from ..fleet import query
+
+        return await query.usage(self._shipper.database, self.config.postgres.table, **report)
+
     def statistics(self) -> AuditStatistics:
         stats = self._writer.statistics()
         reader = self._reader

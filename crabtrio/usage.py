@@ -1,0 +1,263 @@
+"""Usage reports from the audit trail's per-hour rollups: GET /v1/admin/usage (admin token)
+and GET /v1/usage (a virtual key: its own usage only), as JSON or CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import numpy as np
+import orjson
+
+from .admin import SCOPES, Answer, filter_params, query_args, serve_get, text_param, time_params
+from .audit.rollups import (
+    BUCKETS,
+    COMPLETION,
+    COST,
+    DAY_MS,
+    DIMENSIONS,
+    HISTOGRAM,
+    HOUR_MS,
+    LATENCY_BOUNDS_MS,
+    PROMPT,
+    REQUESTS,
+)
+from .auth import check_admin
+from .dispatch import Receive, Scope, Send, header
+from .errors import InvalidRequest, Unauthorized
+from .services import Services
+
+ADMIN_USAGE = "/v1/admin/usage"
+KEY_USAGE = "/v1/usage"
+DEFAULT_RANGE_MS = 24 * HOUR_MS
+INTERVALS = {"hour": HOUR_MS, "day": DAY_MS}
+FORMATS = ("json", "csv")
+_KNOWN = {"since", "until", "key", "model", "provider", "status", "group_by", "interval", "format"}
+_KNOWN |= {"scope", "instance"}
+FIGURES = (
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_micros",
+    "latency_ms_p50",
+    "latency_ms_p95",
+)
+# Each histogram bucket's lower and upper bound (ms); the last one is open: its lower bound.
+_LOWER = np.concatenate(([0], LATENCY_BOUNDS_MS))
+_UPPER = np.concatenate((LATENCY_BOUNDS_MS, LATENCY_BOUNDS_MS[-1:]))
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuery:
+    since: int
+    until: int
+    filters: dict[str, Any]
+    group_by: tuple[str, ...]
+    interval: int | None
+    format: str
+    fleet: bool = False  # scope=fleet: every instance's records, from PostgreSQL
+    instance: str | None = None
+
+
+def parse_usage_query(
+    pairs: Iterable[tuple[str, str]], *, now_ms: int, own_key: str | None = None
+) -> UsageQuery:
+    """Validate the parameters (a 400 naming the bad one). With `own_key` (GET /v1/usage)
+    the report is that key's only, and `key` cannot be given."""
+    pairs = list(pairs)
+    if own_key is not None and any(name == "key" for name, _ in pairs):
+        raise InvalidRequest(
+            "'key' is not accepted here: /v1/usage reports the calling key's own usage",
+            param="key",
+        )
+    args = query_args(pairs, _KNOWN)
+    filters = filter_params(args)
+    if own_key is not None:
+        filters["key"] = own_key
+    times = time_params(args)
+    until = times.get("until", now_ms)
+    since = times.get("since", until - DEFAULT_RANGE_MS)
+    if since > until:
+        raise InvalidRequest("'since' must not be after 'until'", param="since")
+    group_by: tuple[str, ...] = ()
+    if "group_by" in args:  # an empty value is an error, as for every parameter
+        group_by = tuple(args["group_by"].split(","))
+        unknown = [name for name in group_by if name not in DIMENSIONS]
+        if unknown or len(set(group_by)) != len(group_by):
+            raise InvalidRequest(
+                "'group_by' takes distinct names among key, model, provider, status, "
+                "separated by commas",
+                param="group_by",
+            )
+    interval_name = args.get("interval")
+    if interval_name is not None and interval_name not in INTERVALS:
+        raise InvalidRequest("'interval' must be 'hour' or 'day' (or absent)", param="interval")
+    scope = args.get("scope", "local")
+    if scope not in SCOPES:
+        raise InvalidRequest("'scope' must be 'local' or 'fleet'", param="scope")
+    if "instance" in args and scope != "fleet":
+        raise InvalidRequest("'instance' needs scope=fleet", param="instance")
+    fmt = args.get("format", "json")
+    if fmt not in FORMATS:
+        raise InvalidRequest("'format' must be 'json' or 'csv'", param="format")
+    return UsageQuery(
+        since=since,
+        until=until,
+        filters=filters,
+        group_by=group_by,
+        interval=INTERVALS[interval_name] if interval_name else None,
+        format=fmt,
+        fleet=scope == "fleet",
+        instance=text_param(args, "instance") if "instance" in args else None,
+    )
+
+
+def rows(cells: dict[tuple[Any, ...], list[int]], query: UsageQuery) -> list[dict[str, Any]]:
+    """Report rows from rollup sums grouped by (bucket, *grouped_dimensions): status is
+    always among the groups (errors are the requests with status >= 400) and folded away
+    here unless asked for. Vectorized: a month per key per day is thousands of cells."""
+    if not cells:
+        return []
+    keep_status = "status" in query.group_by
+    names = [*grouped_dimensions(query)[:-1], *(["status"] if keep_status else [])]
+    groups = list(cells)
+    values = np.array(list(cells.values()), dtype=np.float64)  # one row per cell
+    statuses = np.fromiter((group[-1] for group in groups), dtype=np.int64, count=len(groups))
+    errors = np.where(statuses >= 400, values[:, REQUESTS], 0.0)
+    if keep_status:
+        folded, index = groups, np.arange(len(groups))
+    else:
+        positions: dict[tuple[Any, ...], int] = {}
+        index = np.fromiter(
+            (positions.setdefault(group[:-1], len(positions)) for group in groups),
+            dtype=np.int64,
+            count=len(groups),
+        )
+        folded = list(positions)
+    sums = np.zeros((len(folded), values.shape[1]))
+    np.add.at(sums, index, values)
+    error_sums = np.bincount(index, errors, len(folded))
+    histograms = sums[:, HISTOGRAM : HISTOGRAM + BUCKETS]
+    p50, p95 = percentiles(histograms, 0.50), percentiles(histograms, 0.95)
+    columns = [sums[:, column].astype(np.int64).tolist() for column in _COLUMNS]
+    error_list = error_sums.astype(np.int64).tolist()
+    out = []
+    for i, key in enumerate(folded):
+        row: dict[str, Any] = {}
+        if query.interval is not None:
+            row["bucket"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(key[0] // 1000))
+        for name, value in zip(names, key[1:], strict=True):
+            row[name] = value
+        row["requests"] = columns[0][i]
+        row["errors"] = error_list[i]
+        row["prompt_tokens"] = columns[1][i]
+        row["completion_tokens"] = columns[2][i]
+        row["cost_micros"] = columns[3][i]
+        row["latency_ms_p50"] = p50[i]
+        row["latency_ms_p95"] = p95[i]
+        out.append(row)
+    # By bucket, then by the group values in the order `group_by` names them.
+    order = [*(["bucket"] if query.interval is not None else []), *query.group_by]
+    return sorted(out, key=lambda row: _order(tuple(row[name] for name in order)))
+
+
+_COLUMNS = (REQUESTS, PROMPT, COMPLETION, COST)
+
+
+def grouped_dimensions(query: UsageQuery) -> tuple[str, ...]:
+    """What the rollups are grouped by for `query`: its dimensions, then always `status`."""
+    return (*(name for name in query.group_by if name != "status"), "status")
+
+
+def _order(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple((value is None, "" if value is None else value) for value in key)
+
+
+def percentile(histogram: np.ndarray, q: float) -> int | None:
+    """The q-quantile of the latencies a histogram counts (see `percentiles`)."""
+    return percentiles(np.asarray(histogram, dtype=np.float64)[None, :], q)[0]
+
+
+def percentiles(histograms: np.ndarray, q: float) -> list[int | None]:
+    """Per histogram (a row), the q-quantile of the latencies it counts, interpolated
+    linearly within its bucket: an estimate, within one bucket of the exact value. None
+    for a histogram without requests."""
+    totals = histograms.sum(axis=1)
+    targets = q * totals
+    cumulative = np.cumsum(histograms, axis=1)
+    buckets = np.minimum((cumulative < targets[:, None]).sum(axis=1), histograms.shape[1] - 1)
+    rows = np.arange(len(histograms))
+    before = np.where(buckets > 0, cumulative[rows, np.maximum(buckets - 1, 0)], 0.0)
+    inside = histograms[rows, buckets]
+    low, high = _LOWER[buckets], _UPPER[buckets]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(inside > 0, (targets - before) / inside, 1.0)
+    estimates = np.rint(low + (high - low) * share).astype(np.int64).tolist()
+    return [None if total <= 0 else value for total, value in zip(totals, estimates, strict=True)]
+
+
+def to_csv(report: list[dict[str, Any]], query: UsageQuery) -> bytes:
+    columns = (["bucket"] if query.interval is not None else []) + [*query.group_by, *FIGURES]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(columns)
+    for row in report:
+        writer.writerow(["" if row[c] is None else row[c] for c in columns])
+    return out.getvalue().encode()
+
+
+async def serve_usage(
+    svc: Services, scope: Scope, receive: Receive, send: Send, *, admin: bool
+) -> None:
+    """GET /v1/admin/usage (admin) or /v1/usage (the calling key's own usage)."""
+
+    async def answer() -> Answer:
+        authorization = header(scope, b"authorization")
+        own_key = None
+        if admin:
+            check_admin(svc.config.admin_token, authorization, scope.get("client"))
+        else:
+            key = svc.keys.authenticate(authorization)
+            if key is None:
+                raise Unauthorized(
+                    "usage is reported per virtual key, and none are configured "
+                    "(the admin report is /v1/admin/usage)",
+                    code="no_virtual_keys",
+                )
+            own_key = key.name
+        text = scope["query_string"].decode("latin-1")
+        pairs = parse_qsl(text, keep_blank_values=True, errors="replace")
+        query = parse_usage_query(pairs, now_ms=time.time_ns() // 1_000_000, own_key=own_key)
+        if query.fleet:
+            report = await svc.audit.fleet_usage(
+                since=query.since,
+                until=query.until,
+                filters=query.filters,
+                instance=query.instance,
+                group_by=query.group_by,
+                interval=query.interval,
+            )
+        else:
+            cells = await svc.audit.rollups(
+                since=query.since,
+                until=query.until,
+                filters=query.filters,
+                group_by=grouped_dimensions(query),
+                interval=query.interval,
+            )
+            report = rows(cells, query)
+        if query.format == "csv":
+            disposition = b'attachment; filename="usage.csv"'
+            return to_csv(report, query), [
+                (b"content-type", b"text/csv; charset=utf-8"),
+                (b"content-disposition", disposition),
+            ]
+        return orjson.dumps({"data": report}), []
+
+    await serve_get(scope, send, ADMIN_USAGE if admin else KEY_USAGE, answer)
