@@ -3,6 +3,7 @@ keeping `http.disconnect` from cancelling the server's own work)."""
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import time
@@ -11,7 +12,9 @@ from typing import Any
 
 import trio
 
-from .errors import error_body
+from .errors import GatewayError, error_body
+
+log = logging.getLogger("crabtrio")
 
 # Keys this layer puts in the ASGI scope for the routes.
 REQUEST_ID = "crabtrio.request_id"
@@ -200,3 +203,29 @@ def header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")  # type: ignore[no-any-return]
     return None
+
+
+# A GET route's body (JSON unless a content-type is among the headers) and extra headers.
+Answer = tuple[bytes, list[tuple[bytes, bytes]]]
+
+
+async def serve_get(
+    scope: Scope, send: Send, route: str, answer: Callable[[], Awaitable[Answer]]
+) -> None:
+    """Serve a GET (or HEAD) route from ASGI: its answer, or its GatewayError in OpenAI's
+    shape, or a 500 that says to look at the log."""
+    if scope["method"] not in ("GET", "HEAD"):
+        await method_not_allowed(send, b"GET, HEAD")
+        return
+    try:
+        body, extra = await answer()
+    except GatewayError as exc:
+        await send_json(send, exc.status, exc.body_bytes())
+        return
+    except Exception:
+        log.exception("crabtrio: unexpected error on %s", route)
+        await send_json(
+            send, 500, GatewayError("internal error; see the gateway's log").body_bytes()
+        )
+        return
+    await send_json(send, 200, b"" if scope["method"] == "HEAD" else body, extra)

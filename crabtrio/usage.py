@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import orjson
 
-from .admin import SCOPES, Answer, filter_params, query_args, serve_get, text_param, time_params
+from .audit import AuditLog
 from .audit.rollups import (
     BUCKETS,
     COMPLETION,
@@ -26,10 +26,12 @@ from .audit.rollups import (
     LATENCY_BOUNDS_MS,
     PROMPT,
     REQUESTS,
+    utc_text,
 )
 from .auth import check_admin
-from .dispatch import Receive, Scope, Send, header
+from .dispatch import Answer, Receive, Scope, Send, header, serve_get
 from .errors import InvalidRequest, Unauthorized
+from .params import SELECTION_PARAMS, filter_params, query_args, scope_params, time_params
 from .services import Services
 
 ADMIN_USAGE = "/v1/admin/usage"
@@ -37,8 +39,7 @@ KEY_USAGE = "/v1/usage"
 DEFAULT_RANGE_MS = 24 * HOUR_MS
 INTERVALS = {"hour": HOUR_MS, "day": DAY_MS}
 FORMATS = ("json", "csv")
-_KNOWN = {"since", "until", "key", "model", "provider", "status", "group_by", "interval", "format"}
-_KNOWN |= {"scope", "instance"}
+_KNOWN = {*SELECTION_PARAMS, "group_by", "interval", "format"}
 FIGURES = (
     "requests",
     "errors",
@@ -98,11 +99,7 @@ def parse_usage_query(
     interval_name = args.get("interval")
     if interval_name is not None and interval_name not in INTERVALS:
         raise InvalidRequest("'interval' must be 'hour' or 'day' (or absent)", param="interval")
-    scope = args.get("scope", "local")
-    if scope not in SCOPES:
-        raise InvalidRequest("'scope' must be 'local' or 'fleet'", param="scope")
-    if "instance" in args and scope != "fleet":
-        raise InvalidRequest("'instance' needs scope=fleet", param="instance")
+    fleet, instance = scope_params(args)
     fmt = args.get("format", "json")
     if fmt not in FORMATS:
         raise InvalidRequest("'format' must be 'json' or 'csv'", param="format")
@@ -113,8 +110,8 @@ def parse_usage_query(
         group_by=group_by,
         interval=INTERVALS[interval_name] if interval_name else None,
         format=fmt,
-        fleet=scope == "fleet",
-        instance=text_param(args, "instance") if "instance" in args else None,
+        fleet=fleet,
+        instance=instance,
     )
 
 
@@ -151,7 +148,7 @@ def rows(cells: dict[tuple[Any, ...], list[int]], query: UsageQuery) -> list[dic
     for i, key in enumerate(folded):
         row: dict[str, Any] = {}
         if query.interval is not None:
-            row["bucket"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(key[0] // 1000))
+            row["bucket"] = utc_text(key[0])
         for name, value in zip(names, key[1:], strict=True):
             row[name] = value
         row["requests"] = columns[0][i]
@@ -212,6 +209,23 @@ def to_csv(report: list[dict[str, Any]], query: UsageQuery) -> bytes:
     return out.getvalue().encode()
 
 
+async def report(audit: AuditLog, query: UsageQuery) -> list[dict[str, Any]]:
+    """The report's rows: from this host's rollups, or with `scope=fleet` from PostgreSQL."""
+    selection: dict[str, Any] = {
+        "since": query.since,
+        "until": query.until,
+        "filters": query.filters,
+    }
+    if query.fleet:
+        return await audit.fleet_usage(
+            **selection, instance=query.instance, group_by=query.group_by, interval=query.interval
+        )
+    cells = await audit.rollups(
+        **selection, group_by=grouped_dimensions(query), interval=query.interval
+    )
+    return rows(cells, query)
+
+
 async def serve_usage(
     svc: Services, scope: Scope, receive: Receive, send: Send, *, admin: bool
 ) -> None:
@@ -234,30 +248,13 @@ async def serve_usage(
         text = scope["query_string"].decode("latin-1")
         pairs = parse_qsl(text, keep_blank_values=True, errors="replace")
         query = parse_usage_query(pairs, now_ms=time.time_ns() // 1_000_000, own_key=own_key)
-        if query.fleet:
-            report = await svc.audit.fleet_usage(
-                since=query.since,
-                until=query.until,
-                filters=query.filters,
-                instance=query.instance,
-                group_by=query.group_by,
-                interval=query.interval,
-            )
-        else:
-            cells = await svc.audit.rollups(
-                since=query.since,
-                until=query.until,
-                filters=query.filters,
-                group_by=grouped_dimensions(query),
-                interval=query.interval,
-            )
-            report = rows(cells, query)
+        found = await report(svc.audit, query)
         if query.format == "csv":
             disposition = b'attachment; filename="usage.csv"'
-            return to_csv(report, query), [
+            return to_csv(found, query), [
                 (b"content-type", b"text/csv; charset=utf-8"),
                 (b"content-disposition", disposition),
             ]
-        return orjson.dumps({"data": report}), []
+        return orjson.dumps({"data": found}), []
 
     await serve_get(scope, send, ADMIN_USAGE if admin else KEY_USAGE, answer)

@@ -12,6 +12,7 @@ import orjson
 import trio
 from quart import Response
 from quart.typing import TestClientProtocol
+from quart_trio import QuartTrio
 
 from crabtrio import create_app
 from crabtrio.config import parse_config
@@ -94,9 +95,16 @@ def stream_chunks(words: list[str], *, usage: bool = True) -> bytes:
 
 
 class Gateway:
-    def __init__(self, client: TestClientProtocol, audit_path: Path) -> None:
+    def __init__(self, app: QuartTrio, client: TestClientProtocol, audit_path: Path) -> None:
+        self.app = app
         self.client = client
         self.audit_path = audit_path
+
+    async def audit_written(self, timeout: float = 5) -> None:
+        """Wait (at most `timeout`) until every audit record the gateway accepted so far is
+        in the file: `AuditLogger.wait_written`, which also cuts the writer's linger short.
+        Returns quietly at the timeout, or when the writer has ended: assert afterwards."""
+        await self.app.extensions["crabtrio"].audit._writer.wait_written(timeout=timeout)
 
     async def post(
         self,
@@ -153,4 +161,4 @@ async def gateway(
     app = create_app(config, transport=transport)
     app.config.update(app_config or {})
     async with app.test_app() as test_app:
-        yield Gateway(test_app.test_client(), audit_path)
+        yield Gateway(app, test_app.test_client(), audit_path)

@@ -325,12 +325,7 @@ class PostgresServer:
                 "-X",
                 "-v",
                 "ON_ERROR_STOP=1",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-U",
-                "postgres",
+                *self._client_args(),
                 "-d",
                 dbname,
                 "-At",
@@ -410,6 +405,10 @@ class PostgresServer:
                 return
             time.sleep(0.02)
 
+    def _client_args(self) -> list[str]:
+        """Where psql and pg_isready connect: this server over TCP, as the superuser."""
+        return ["-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"]
+
     def _accepting(self) -> bool:
         try:
             socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
@@ -419,12 +418,7 @@ class PostgresServer:
             [
                 _bin("pg_isready"),
                 "-q",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-U",
-                "postgres",
+                *self._client_args(),
                 "-t",
                 "2",
             ],

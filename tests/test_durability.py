@@ -135,8 +135,7 @@ async def test_backlog_at_its_bound_refuses_requests_and_health_says_why(
             "No space left" in state["reason"] and state["pending"] == 3 and state["refused"] == 3
         )
         full_disk.full = False
-        with trio.fail_after(1):
-            while (await health(gw))["written"] < 3:
-                await trio.sleep(0.01)
+        await gw.audit_written(timeout=1)
+        assert (await health(gw))["written"] >= 3
         assert (await gw.post("/v1/chat/completions", CHAT, headers=TEAM_A)).status_code == 200
     assert len(gw.records()) == 4

@@ -16,7 +16,7 @@ import numpy as np
 from . import columns as col
 from .columns import Page, Run, Strings, rid_key
 from .record import IndexedFields
-from .rollups import DIMENSIONS, HOUR_MS, MAX_COST, MAX_TOKENS, Rollups, select
+from .rollups import MAX_COST, MAX_TOKENS, Rollups
 
 BUFFER_ENTRIES = 4096  # entries buffered before they become a run
 
@@ -156,24 +156,9 @@ class AuditIndex:
             self._runs(), filters=filters, since=since, until=until, before=before, limit=limit
         )
 
-    def rollups(
-        self,
-        *,
-        since: int | None = None,
-        until: int | None = None,
-        filters: dict[str, Any] | None = None,
-        group_by: Sequence[str] = DIMENSIONS,
-        interval: int | None = HOUR_MS,
-    ) -> dict[tuple[Any, ...], list[int]]:
-        """Summed cells (see `rollups.select`) of the hours that overlap [since, until]."""
-        return select(
-            (segment.rollups for segment in self.segments.values()),
-            since=since,
-            until=until,
-            filters=filters,
-            group_by=group_by,
-            interval=interval,
-        )
+    def rollup_sources(self) -> Iterable[Rollups]:
+        """Every file's rollups (see `rollups.select`)."""
+        return (segment.rollups for segment in self.segments.values())
 
     def _runs(self) -> Iterable[Run]:
         for segment in self.segments.values():

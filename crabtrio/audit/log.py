@@ -19,10 +19,11 @@ from ..errors import InvalidRequest, Unavailable
 from .columns import Cursor
 from .reader import AuditReader
 from .record import AuditRecord
-from .rollups import DIMENSIONS, HOUR_MS
+from .rollups import DIMENSIONS, HOUR_MS, select
 from .writer import AuditLogger, AuditStatistics
 
 if TYPE_CHECKING:  # the fleet modules import asyncpg: only when [audit.postgres] is set
+    from ..fleet.database import Database
     from ..fleet.shipper import Shipper
 
 # How long a query waits for this process's accepted records to be written (read your writes).
@@ -123,56 +124,38 @@ class AuditLog:
     ) -> dict[tuple[Any, ...], list[int]]:
         """Summed rollup cells (see `rollups.select`), this process's records included."""
         reader = await self._current()
-        return reader.index.rollups(
-            since=since, until=until, filters=filters, group_by=group_by, interval=interval
+        return select(
+            reader.index.rollup_sources(),
+            since=since,
+            until=until,
+            filters=filters,
+            group_by=group_by,
+            interval=interval,
         )
-
-    @property
-    def fleet(self) -> bool:
-        """Whether records are shipped to PostgreSQL (fleet queries can be answered)."""
-        return self._shipper is not None
 
     def shipping(self) -> dict[str, Any] | None:
         """The /health `shipping` block, or None when shipping is off."""
         return None if self._shipper is None else self._shipper.status()
 
-    async def fleet_query(
-        self,
-        *,
-        filters: dict[str, Any] | None = None,
-        instance: str | None = None,
-        since: int | None = None,
-        until: int | None = None,
-        before: Cursor | None = None,
-        limit: int = 100,
-    ) -> tuple[list[dict[str, Any]], Cursor | None]:
-        """Records of every instance from PostgreSQL (see `fleet.query`)."""
-        if self._shipper is None or self.config.postgres is None:
-            raise InvalidRequest(
-                "scope=fleet needs [audit.postgres] in the gateway's config", param="scope"
-            )
-        from ..fleet import query
+    async def fleet_query(self, **query: Any) -> tuple[list[dict[str, Any]], Cursor | None]:
+        """Records of every instance from PostgreSQL (see `fleet.query.query`)."""
+        from ..fleet import query as fleet
 
-        return await query.query(
-            self._shipper.database,
-            self.config.postgres.table,
-            filters=filters,
-            instance=instance,
-            since=since,
-            until=until,
-            before=before,
-            limit=limit,
-        )
+        return await fleet.query(*self._fleet(), **query)
 
     async def fleet_usage(self, **report: Any) -> list[dict[str, Any]]:
         """The usage report over every instance, from PostgreSQL (see `fleet.query.usage`)."""
+        from ..fleet import query as fleet
+
+        return await fleet.usage(*self._fleet(), **report)
+
+    def _fleet(self) -> tuple[Database, str]:
+        """The database and table fleet queries read: a 400 when shipping is off."""
         if self._shipper is None or self.config.postgres is None:
             raise InvalidRequest(
                 "scope=fleet needs [audit.postgres] in the gateway's config", param="scope"
             )
-        from ..fleet import query
-
-        return await query.usage(self._shipper.database, self.config.postgres.table, **report)
+        return self._shipper.database, self.config.postgres.table
 
     def statistics(self) -> AuditStatistics:
         stats = self._writer.statistics()

@@ -172,6 +172,11 @@ def _escape_spoofing(data: bytes) -> bytes:
     return _SPOOFING.sub(lambda found: _ESCAPES[found.group()], data)
 
 
+# The checked types of a record's timestamp (an int64 column) and status (a uint16 column).
+Timestamp = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Status = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
 class IndexedFields(msgspec.Struct):
     """What a line must hold to be an audit record, and what the index keeps of it.
 
@@ -180,11 +185,11 @@ class IndexedFields(msgspec.Struct):
     """
 
     request_id: str
-    timestamp: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # an int64 column
+    timestamp: Timestamp
     key_name: str
     model: str
     provider: str
-    status: Annotated[int, msgspec.Meta(ge=0, le=65535)]  # a uint16 column
+    status: Status
     latency_ms: int
     cost_micros: int
     prompt_tokens: int | None = None

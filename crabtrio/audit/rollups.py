@@ -8,6 +8,7 @@ sidecar); key, model and provider are codes of the segment's string table.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -35,6 +36,11 @@ MAX_COST = 2**40  # micro-USD: $1.1M for one request
 
 # Groups, and per value column their sums (WIDTH x len(groups)).
 Piece = tuple[list[tuple[Any, ...]], np.ndarray]
+
+
+def utc_text(ms: int) -> str:
+    """An interval's start (ms since the epoch) in ISO 8601 UTC, as reports show it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms // 1000))
 
 
 def latency_bucket(latency_ms: int) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,8 +131,6 @@ class LocalFiles:
                 batch = self._read(segment, offset, max_lines)
                 if batch is not None:
                     return batch
-            if i == len(segments) - 1:
-                return None
             i, offset = i + 1, 0  # a rotated file ends with a whole line: it is done
         return None
 
@@ -262,7 +259,3 @@ def shipped_only(path: str, doomed: list[str]) -> list[str]:
     if segments and offset >= segments[i].size:
         done.add(segments[i].path)
     return [f for f in doomed if f in done]
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000

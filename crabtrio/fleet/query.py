@@ -7,12 +7,12 @@ indexes serve: a page costs the same at any depth.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import trio
 
 from ..audit.columns import Cursor
+from ..audit.rollups import HOUR_MS, utc_text
 from ..errors import Unavailable
 from .database import Database, DatabaseError
 from .rows import record
@@ -22,7 +22,6 @@ QUERY_SECONDS = 5.0
 _COLUMNS = {"key": "key_name", "model": "model", "provider": "provider", "status": "status"}
 CURSOR_ID_BYTES = 16
 UNDEFINED_TABLE = "42P01"
-HOUR_MS = 3_600_000
 _SUMS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_micros")
 
 
@@ -93,9 +92,7 @@ async def usage(
             continue  # totals over nothing
         item: dict[str, Any] = {}
         if interval is not None:
-            item["bucket"] = time.strftime(
-                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["bucket_ms"] // 1000)
-            )
+            item["bucket"] = utc_text(row["bucket_ms"])
         item |= {name: row[name] for name in group_by}
         item |= {name: int(row[name]) for name in _SUMS}
         item |= {name: round(row[name]) for name in ("latency_ms_p50", "latency_ms_p95")}

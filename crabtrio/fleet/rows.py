@@ -7,6 +7,8 @@ from typing import Annotated, Any
 import msgspec
 import orjson
 
+from ..audit.record import Status, Timestamp
+
 # The table's columns in COPY order: a record's fields, `extra`, then `instance`.
 COLUMNS = (
     "request_id",
@@ -36,7 +38,7 @@ class ShippedFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     (see `audit.record.IndexedFields`): a line that is no record is skipped by both."""
 
     request_id: str
-    timestamp: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+    timestamp: Timestamp
     key_name: str
     model: str
     provider: str
@@ -44,7 +46,7 @@ class ShippedFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     completion_tokens: Annotated[int, _INT64] | None = None
     cost_micros: Annotated[int, _INT64]
     latency_ms: Annotated[int, _INT64]
-    status: Annotated[int, msgspec.Meta(ge=0, le=65535)]
+    status: Status
     stream: bool | None = None
     endpoint: str | None = None
     error: str | None = None

@@ -12,9 +12,9 @@ import re
 import time
 from collections.abc import Iterable
 
+from ..audit.rollups import DAY_MS
 from .database import Connection
 
-DAY_MS = 86_400_000
 # Partitions made ahead of the clock, so a record written just after midnight has one.
 DAYS_AHEAD = 2
 _MIGRATION = re.compile(r"(\d{3})_\w+\.sql")
@@ -98,5 +98,6 @@ async def drop_partitions(conn: Connection, table: str, days: Iterable[int]) -> 
             await conn.execute(f"DROP TABLE IF EXISTS {partition_name(table, day)}")
 
 
-def today(now: float | None = None) -> int:
-    return int(time.time() if now is None else now) // 86400
+def today() -> int:
+    """Days since the epoch, UTC."""
+    return int(time.time()) // 86400

@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+from ..audit.rollups import DAY_MS
 from ..config import PostgresConfig
 from . import schema
 from .database import Connection, Database, DatabaseError
@@ -207,25 +208,22 @@ class Shipper:
             if time.monotonic() >= self._next_maintenance:
                 await self._maintain(conn)
             if not ready:
-                first = await self._prepare(self._checkpoint)
+                await self._read_ahead(self._checkpoint, ready)
                 wait = SHIP_EVERY_SECONDS - (time.monotonic() - last)
-                if first is None or (not first.full and wait > 0):
+                if not ready or (not ready[0].full and wait > 0):
+                    ready.clear()  # read again when it is time: more will be there
                     if time.monotonic() - contact >= PING_SECONDS:
                         await self._ping(conn)
                         contact = time.monotonic()
                     await self._survey(force=self._state not in ("ok", "lagging"))
                     await trio.sleep(wait if wait > 0 else SHIP_EVERY_SECONDS)
                     continue
-                ready = [first]
-                if first.full:
-                    second = await self._prepare(first.checkpoint)
-                    ready += [] if second is None else [second]
             later: list[_Prepared] = []
             if len(ready) == 2 and _overlap(ready[0], ready[1]):
                 # The file holds a record twice: in two transactions at once, each would
                 # wait for the other's row. One at a time, the second skips it.
                 ready, later = ready[:1], ready[1:]
-            days = {row[1] // schema.DAY_MS for batch in ready for row in batch.rows}
+            days = {row[1] // DAY_MS for batch in ready for row in batch.rows}
             await self._ensure_days(conn, days)
             following: list[_Prepared] = []
             tail = (later or ready)[-1]
@@ -244,17 +242,22 @@ class Shipper:
             contact = last = time.monotonic()
             await self._survey()
 
+    async def _read_ahead(self, after: Checkpoint | None, into: list[_Prepared]) -> None:
+        """Read and decode the batch after `after`, and the one after it if the first is
+        full (a backlog), into `into`."""
+        for _ in range(2):
+            batch = await self._prepare(after)
+            if batch is None:
+                return
+            into.append(batch)
+            if not batch.full:
+                return
+            after = batch.checkpoint
+
     async def _prefetch(self, after: Checkpoint, into: list[_Prepared]) -> None:
-        """Read and decode up to two batches after `after` (errors: read again later)."""
+        """`_read_ahead` beside a commit; a read error is met again at the next read."""
         with contextlib.suppress(OSError):
-            for _ in range(2):
-                batch = await self._prepare(after)
-                if batch is None:
-                    return
-                into.append(batch)
-                if not batch.full:
-                    return
-                after = batch.checkpoint
+            await self._read_ahead(after, into)
 
     async def _prepare(self, checkpoint: Checkpoint | None) -> _Prepared | None:
         """The batch after `checkpoint`, read (in a thread) and decoded, or None."""
@@ -412,7 +415,7 @@ class Shipper:
         days = self.config.retention_days
         if days is None:
             return None
-        return (schema.today() - int(days)) * schema.DAY_MS
+        return (schema.today() - int(days)) * DAY_MS
 
     async def _ensure_days(self, conn: Connection, days: set[int]) -> None:
         missing = days - self._days
@@ -426,7 +429,7 @@ class Shipper:
         await self._ensure_days(conn, set(range(today - 1, today + schema.DAYS_AHEAD + 1)))
         cutoff = self._cutoff()
         if cutoff is not None:
-            old = {day for day in self._days if (day + 1) * schema.DAY_MS <= cutoff}
+            old = {day for day in self._days if (day + 1) * DAY_MS <= cutoff}
             if old:
                 await schema.drop_partitions(conn, self._table, old)
                 self._days -= old

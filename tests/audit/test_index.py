@@ -10,6 +10,7 @@ import pytest
 
 from crabtrio.audit.index import BUFFER_ENTRIES, AuditIndex
 from crabtrio.audit.record import IndexedFields
+from crabtrio.audit.rollups import select
 
 Row = tuple[int, bytes, int, int, IndexedFields]  # (ts, rid key, offset, source, fields)
 
@@ -139,7 +140,7 @@ def test_a_dropped_file_leaves_no_entries_or_rollups() -> None:
     index.drop(1)
     kept = [r for r in rows if r[3] == 0]
     assert paged(index, 100) == expected(kept)
-    assert sum(cell[0] for cell in index.rollups().values()) == len(kept)
+    assert sum(cell[0] for cell in select(index.rollup_sources()).values()) == len(kept)
 
 
 def test_rollups_match_a_naive_sum() -> None:
@@ -171,7 +172,7 @@ def test_rollups_match_a_naive_sum() -> None:
             cell[1] += f.prompt_tokens or 0
             cell[2] += f.completion_tokens or 0
             cell[3] += f.cost_micros
-        got = index.rollups(since=since, until=until, filters=filters)
+        got = select(index.rollup_sources(), since=since, until=until, filters=filters)
         assert {key: cell[:4] for key, cell in got.items()} == naive
         assert all(sum(cell[4:]) == cell[0] for cell in got.values())
 
@@ -211,7 +212,9 @@ def test_grouped_rollups_match_a_naive_sum() -> None:
             cell[1] += f.prompt_tokens or 0
             cell[2] += f.completion_tokens or 0
             cell[3] += f.cost_micros
-        got = index.rollups(filters=filters, group_by=group_by, interval=interval, **bounds)
+        got = select(
+            index.rollup_sources(), filters=filters, group_by=group_by, interval=interval, **bounds
+        )
         assert {group: cell[:4] for group, cell in got.items()} == naive, (group_by, bounds)
         assert all(sum(cell[4:]) == cell[0] for cell in got.values())
 

@@ -10,6 +10,7 @@ import trio
 from crabtrio.audit import reader as reader_module
 from crabtrio.audit.reader import AuditReader
 from crabtrio.audit.record import decode_fields
+from crabtrio.audit.rollups import select
 from crabtrio.audit.rotation import rotated_name
 
 from .records import lines, record
@@ -168,8 +169,8 @@ async def test_the_active_file_is_checkpointed_and_a_restart_reads_only_the_tail
         fields = decode_fields(record(30).to_line())
         assert fields is not None
         restarted.index.segment(restarted._active.number).add([fields], [10**6], [100])
-        assert sum(cell[0] for cell in restarted.index.rollups().values()) == 31
-        costs = sum(cell[3] for cell in restarted.index.rollups().values())
+        assert sum(cell[0] for cell in select(restarted.index.rollup_sources()).values()) == 31
+        costs = sum(cell[3] for cell in select(restarted.index.rollup_sources()).values())
         assert costs == sum(range(31))  # record(i) costs i micro-USD
     finally:
         restarted.close()

@@ -21,7 +21,7 @@ from crabtrio.audit import sidecar
 from crabtrio.audit.index import Segment
 from crabtrio.audit.reader import AuditReader
 from crabtrio.audit.record import AuditRecord
-from crabtrio.audit.rollups import LATENCY_BOUNDS_MS, latency_bucket
+from crabtrio.audit.rollups import LATENCY_BOUNDS_MS, latency_bucket, select
 from crabtrio.audit.rotation import rotated_name, sidecar_path
 from crabtrio.audit.store import AuditFile
 
@@ -179,7 +179,7 @@ def answers(reader: AuditReader, cases: list[Query]) -> list[list[str]]:
 
 def rollup_answers(reader: AuditReader, cases: list[Query]) -> list[dict[Any, list[int]]]:
     return [
-        reader.index.rollups(since=since, until=until, filters=filters)
+        select(reader.index.rollup_sources(), since=since, until=until, filters=filters)
         for filters, since, until in cases
     ]
 
@@ -438,7 +438,7 @@ def test_retention_deletes_segment_and_sidecar_and_the_reader_forgets_it(
         reader.catch_up()
         remaining = first_active + current
         check_against_oracle(reader, remaining, cases)
-        total = sum(cell[0] for cell in reader.index.rollups().values())
+        total = sum(cell[0] for cell in select(reader.index.rollup_sources()).values())
         assert total == len(remaining)
         gone = {r.request_id for r in doomed_records}
         assert not gone & set(ids(reader, {}, None, None))
@@ -511,10 +511,10 @@ def test_rollups_equal_a_naive_computation(tmp_path: Path) -> None:
 
     def check(reader: AuditReader, written: list[AuditRecord]) -> None:
         for filters, since, until in cases:
-            got = reader.index.rollups(since=since, until=until, filters=filters)
+            got = select(reader.index.rollup_sources(), since=since, until=until, filters=filters)
             want = expected_rollups(written, since=since, until=until, filters=filters)
             assert got == want, (filters, since, until)
-        assert sum(c[0] for c in reader.index.rollups().values()) == len(written)
+        assert sum(c[0] for c in select(reader.index.rollup_sources()).values()) == len(written)
 
     reader = replayed(active)
     try:

@@ -130,9 +130,8 @@ async def test_failed_writes_keep_records_and_recover(tmp_path, full_disk) -> No
         assert not logger.admit()  # the backlog is at its bound: new requests are refused
         assert logger.statistics().refused == 1
         full_disk.full = False
-        with trio.fail_after(1):
-            while logger.statistics().written < 5:
-                await trio.sleep(0.01)
+        await logger.wait_written(timeout=1)
+        assert logger.statistics().written >= 5
         assert logger.statistics().state == "ok"
         assert logger.admit()
     assert request_ids(path) == [f"req-{i:06d}" for i in range(5)]
@@ -202,9 +201,8 @@ async def test_rotation_and_retention(tmp_path) -> None:
         for i in range(200):
             logger.record(record(i))
             if i % 10 == 9:
-                with trio.fail_after(2):
-                    while logger.statistics().written < i + 1:
-                        await trio.sleep(0.005)
+                await logger.wait_written(timeout=2)
+                assert logger.statistics().written >= i + 1
     rotated = sorted(
         p for p in tmp_path.iterdir() if p.name.startswith("a-") and p.suffix == ".jsonl"
     )
