@@ -170,6 +170,23 @@ def chat_load(
         gateway.stop()
 
 
+def on_off(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians of alternated chat loads with a feature on and off, and what it costs."""
+    on = statistics.median(r["rps"] for r in runs["on"])
+    off = statistics.median(r["rps"] for r in runs["off"])
+    cpu_on = statistics.median(r["cpu_ms_per_request"] for r in runs["on"])
+    cpu_off = statistics.median(r["cpu_ms_per_request"] for r in runs["off"])
+    return {
+        "runs": runs,
+        "rps_on": on,
+        "rps_off": off,
+        "cost_pct": round((1 - on / off) * 100, 1),
+        "cpu_ms_on": cpu_on,
+        "cpu_ms_off": cpu_off,
+        "cpu_cost_pct": round((cpu_on / cpu_off - 1) * 100, 1),
+    }
+
+
 def run(cache_dir: Path, workdir: Path, quick: bool) -> dict[str, Any]:
     count = 200_000 if quick else 1_000_000
     source = audit_data.audit_file(cache_dir, count)
@@ -223,36 +240,34 @@ def run(cache_dir: Path, workdir: Path, quick: bool) -> dict[str, Any]:
                         server if mode == "on" else None,
                     )
                 )
-        on = statistics.median(r["rps"] for r in runs["on"])
-        off = statistics.median(r["rps"] for r in runs["off"])
-        cpu_on = statistics.median(r["cpu_ms_per_request"] for r in runs["on"])
-        cpu_off = statistics.median(r["cpu_ms_per_request"] for r in runs["off"])
-        results["load"] = {
-            "runs": runs,
-            "rps_on": on,
-            "rps_off": off,
-            "cost_pct": round((1 - on / off) * 100, 1),
-            "cpu_ms_on": cpu_on,
-            "cpu_ms_off": cpu_off,
-            "cpu_cost_pct": round((cpu_on / cpu_off - 1) * 100, 1),
-            "postgres_cpu_ms": statistics.median(
-                r["postgres_cpu_ms_per_request"] for r in runs["on"]
-            ),
-            # The shipper's own CPU (per record shipped, and per second while caught up) over
-            # the gateway's CPU at the load's rate: what the request path gives up, without
-            # the 2x run-to-run noise of the throughput figures on this machine.
-            "shipper_share_pct": round(
-                (
-                    results["idle_shipper"]["cpu_ms_per_s"] / 1000
-                    + shipping["cpu_us_per_record"] / 1e6 * off
-                )
-                / (cpu_off / 1000 * off)
-                * 100,
-                2,
-            ),
-            "lag_max_s": max(r["lag_max_s"] for r in runs["on"]),
-            "drained_after_s": max(r["drained_after_s"] for r in runs["on"]),
-        }
+        results["load"] = load = on_off(runs)
+        on, off, cpu_on, cpu_off = (
+            load["rps_on"],
+            load["rps_off"],
+            load["cpu_ms_on"],
+            load["cpu_ms_off"],
+        )
+        load.update(
+            {
+                "postgres_cpu_ms": statistics.median(
+                    r["postgres_cpu_ms_per_request"] for r in runs["on"]
+                ),
+                # The shipper's own CPU (per record shipped, and per second while caught up) over
+                # the gateway's CPU at the load's rate: what the request path gives up, without
+                # the 2x run-to-run noise of the throughput figures on this machine.
+                "shipper_share_pct": round(
+                    (
+                        results["idle_shipper"]["cpu_ms_per_s"] / 1000
+                        + shipping["cpu_us_per_record"] / 1e6 * off
+                    )
+                    / (cpu_off / 1000 * off)
+                    * 100,
+                    2,
+                ),
+                "lag_max_s": max(r["lag_max_s"] for r in runs["on"]),
+                "drained_after_s": max(r["drained_after_s"] for r in runs["on"]),
+            }
+        )
         load = results["load"]
         print(
             f"  fleet: chat c32 {on:.0f} req/s shipping on, {off:.0f} off "

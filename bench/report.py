@@ -300,6 +300,12 @@ def check_targets(results: dict[str, Any], summary: dict[str, Any]) -> list[Chec
     fleet("load/cost_pct", "<= 3 %", lambda v: v <= 3, " %")
     fleet("load/cpu_cost_pct", "<= 3 % (gateway CPU per request)", lambda v: v <= 3, " %")
     fleet("load/shipper_share_pct", "<= 3 % (the shipper's CPU)", lambda v: v <= 3, " %")
+
+    # Issue 11 (budgets and rate limits): limits on every key against none, chat c32.
+    admission = section(11, "admission", "admission", 0)
+    admission("cost_pct", "<= 3 %", lambda v: v <= 3, " %")
+    admission("cpu_cost_pct", "<= 3 % (gateway CPU per request)", lambda v: v <= 3, " %")
+    admission("checks_share_pct", "<= 3 % (the checks' own CPU)", lambda v: v <= 3, " %")
     return checks
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import admission_bench
 import audit_bench
 import audit_scale
 import chart
@@ -261,6 +262,8 @@ def main() -> int:
             results["audit_scale"] = audit_scale.run(RESULTS / "cache", workdir, args.quick)
             print("fleet (PostgreSQL)...", flush=True)
             results["fleet"] = fleet_bench.run(RESULTS / "cache", workdir, args.quick)
+            print("admission (budgets and rate limits)...", flush=True)
+            results["admission"] = admission_bench.run(workdir, args.quick)
     finally:
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         shutil.rmtree(workdir, ignore_errors=True)

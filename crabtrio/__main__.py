@@ -1,10 +1,12 @@
-"""`python -m crabtrio [hypercorn options]`: hypercorn with crabtrio's defaults and exit codes.
+"""`python -m crabtrio [hypercorn options]`: hypercorn with crabtrio's defaults and exit codes
+(and `python -m crabtrio usage ...`: the usage report, see crabtrio/usage_cli.py).
 
 It checks the config and the audit file before any worker starts, so a bad config (exit 2) or
 an unwritable audit directory (exit 3) ends the process at once with one line. hypercorn
 0.18's master exits 0 even when a worker failed (pgjones/hypercorn#269), which hides failures
 from supervisors; so each worker reports start, clean stop or failure to a file, and this
-process exits 3 if a worker failed to start and 1 if one died without a clean stop.
+process exits 3 if a worker failed to start and 1 if one died without a clean stop. SIGHUP
+reloads the keys in every worker (see `reload`).
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import os
 import sys
 import tempfile
 
+import hypercorn.run
 from hypercorn.__main__ import main as hypercorn_main
 
+from . import usage_cli
 from .app import EXIT_STARTUP_FAILED, WORKER_REPORT_ENV, configure_logging
 from .audit.store import AuditFile
 from .config import ConfigError, load_config
+from .reload import pass_sighup_to_workers
 
 EXIT_BAD_CONFIG = 2
 EXIT_WORKER_DIED = 1
@@ -44,6 +49,9 @@ def _with_defaults(args: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["usage"]:  # `python -m crabtrio usage ...`: a client, not the gateway
+        return usage_cli.main(args[1:])
     configure_logging()
     try:
         config = load_config()
@@ -59,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_STARTUP_FAILED
     with tempfile.NamedTemporaryFile(prefix="crabtrio-workers-", suffix=".txt") as report:
         os.environ[WORKER_REPORT_ENV] = report.name  # spawned workers inherit it
-        code = hypercorn_main(_with_defaults(list(sys.argv[1:] if argv is None else argv)))
+        pass_sighup_to_workers(hypercorn.run)  # a live reload of the keys, not a restart
+        code = hypercorn_main(_with_defaults(args))
         # hypercorn returns once one worker has exited, and SIGTERMs the rest; they finish
         # their drain (crabtrio workers ignore SIGTERM): wait for them.
         for worker in multiprocessing.active_children():

@@ -27,7 +27,11 @@ async def list_models() -> Response:
             continue
         owner = svc.router.providers(model)[0].name
         data.append({"id": name, "object": "model", "created": created, "owned_by": owner})
-    return Response(orjson.dumps({"object": "list", "data": data}), 200, content_type=JSON)
+    response = Response(orjson.dumps({"object": "list", "data": data}), 200, content_type=JSON)
+    if key is not None and key.limited:  # where the key stands; listing counts nothing
+        for header, value in svc.admission.headers(key):
+            response.headers[header.decode()] = value.decode()
+    return response
 
 
 @bp.get("/health")

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import NoReturn
@@ -23,6 +24,8 @@ from . import admin, api, proxy, usage
 from .config import Config, ConfigError, load_config
 from .dispatch import ASGIApp, Receive, RequestDispatch, Scope, Send
 from .errors import GatewayError, error_body
+from .limits import LimitsFileError
+from .reload import ignore_until_watched
 from .services import Services, open_services
 
 log = logging.getLogger("crabtrio")
@@ -61,6 +64,7 @@ def create_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     exit_on_startup_error: bool = False,
+    clock: Callable[[], float] = time.time,
 ) -> QuartTrio:
     """Build the app. The config is loaded when serving starts unless one is given.
 
@@ -68,7 +72,8 @@ def create_app(
     failure prints one line and ends the worker process with exit code 3, no traceback; and
     a services task that dies while serving ends the worker with exit code 1, so
     `python -m crabtrio` exits non-zero and a supervisor restarts it. Without it (an app in
-    a test), the app stays up refusing work, with /health saying why.
+    a test), the app stays up refusing work, with /health saying why; and SIGHUP reloads
+    the keys only in the module-level app. `clock` is what budgets and rate limits read.
     """
     app = QuartTrio("crabtrio")
     # `//v1/models` must be a 404, not a redirect built from the client's Host header.
@@ -83,7 +88,9 @@ def create_app(
     ) -> None:
         opened: Services | None = None
         try:
-            async with open_services(config, transport=transport) as opened:
+            async with open_services(
+                config, transport=transport, clock=clock, reload_on_sighup=exit_on_startup_error
+            ) as opened:
                 task_status.started(opened)
                 await stop.wait()
         except Exception as exc:
@@ -91,6 +98,8 @@ def create_app(
                 opened.audit.fail(f"a services task died: {type(exc).__name__}")
                 _task_died(exc, exit_process=exit_on_startup_error)
                 return
+            if isinstance(exc, LimitsFileError):
+                raise StartupError(str(exc)) from None
             if not isinstance(exc, OSError):
                 raise
             path = os.path.abspath(config.audit.path)
@@ -101,6 +110,8 @@ def create_app(
     @app.before_serving
     async def _start() -> None:
         configure_logging()
+        if exit_on_startup_error:
+            ignore_until_watched()
         try:
             loaded = config if config is not None else _load()
             app.extensions["crabtrio"] = await app.nursery.start(host, loaded)
@@ -237,7 +248,12 @@ def _log_startup(config: Config) -> None:
             audit_text += f", shipped to PostgreSQL table {pg.table} as instance {pg.instance!r}"
     else:
         audit_text = "DISABLED"
-    auth = f"on ({len(config.keys)} keys)" if config.keys else "off (no [[keys]] configured)"
+    metered = sum(key.metered for key in config.keys)
+    auth = (
+        f"on ({len(config.keys)} keys, {metered} with limits or budgets)"
+        if config.keys
+        else "off (no [[keys]] configured)"
+    )
     admin_guard = "admin_token" if config.admin_token else "loopback clients only"
     log.info(
         "crabtrio: config %s; models %s; providers %s; audit %s; auth %s; admin %s",

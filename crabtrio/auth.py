@@ -26,6 +26,14 @@ class KeyRing:
     def __init__(self, keys: Sequence[KeyConfig]) -> None:
         self._by_secret = {key.key: key for key in keys}
 
+    def replace(self, keys: Sequence[KeyConfig]) -> None:
+        """Serve these keys from now on (a config reload)."""
+        self._by_secret = {key.key: key for key in keys}
+
+    @property
+    def configured(self) -> tuple[KeyConfig, ...]:
+        return tuple(self._by_secret.values())
+
     @property
     def enabled(self) -> bool:
         return bool(self._by_secret)

@@ -84,11 +84,30 @@ class ProviderConfig:
 _PROVIDER_DEFAULTS = {f.name: f.default for f in fields(ProviderConfig) if f.default is not MISSING}
 
 
+BUDGET_PERIODS = ("day", "month", "total")
+
+
 @dataclass(frozen=True, slots=True)
 class KeyConfig:
     name: str
     key: str
     models: tuple[str, ...] = ("*",)
+    # Requests and tokens (prompt + completion) per sliding minute, for the whole gateway.
+    rpm: int | None = None
+    tpm: int | None = None
+    # Spend (sum of the records' cost) allowed per calendar period in UTC.
+    max_budget_usd: float | None = None
+    budget_period: Literal["day", "month", "total"] = "month"
+
+    @property
+    def limited(self) -> bool:
+        """Whether requests with this key are counted against rpm or tpm."""
+        return self.rpm is not None or self.tpm is not None
+
+    @property
+    def metered(self) -> bool:
+        """Whether this key has a rate limit or a budget."""
+        return self.limited or self.max_budget_usd is not None
 
     def allows(self, model: str, requested: str) -> bool:
         return "*" in self.models or model in self.models or requested in self.models
@@ -219,6 +238,8 @@ class _Parser:
     def __init__(self, source: str) -> None:
         self.source = source
         self.warnings: list[str] = []
+        # Settings that count from the audit trail: refused when it is disabled.
+        self.needs_audit: set[str] = set()
 
     def fail(self, where: str, problem: str) -> ConfigError:
         return ConfigError(f"{self.source}: {where}: {problem}")
@@ -303,12 +324,17 @@ class _Parser:
             "max_body_mb", raw.get("max_body_mb", 16.0), minimum=0, strict=True
         )
         cors_origins = self.origins("cors_origins", raw.get("cors_origins", []))
+        audit = self.audit(raw.get("audit", {}))
+        if self.needs_audit and not audit.enabled:
+            raise self.fail(
+                min(self.needs_audit), "counts from the audit trail: needs [audit] enabled = true"
+            )
         return Config(
             providers=providers,
             keys=keys,
             aliases=aliases,
             pricing=pricing,
-            audit=self.audit(raw.get("audit", {})),
+            audit=audit,
             admin_token=admin_token,
             max_body_mb=max_body_mb,
             cors_origins=cors_origins,
@@ -444,7 +470,7 @@ class _Parser:
         for i, entry in enumerate(raw):
             where = f"keys[{i}]"
             entry = self.table(where, entry)
-            self.known(where, entry, ("name", "key", "models"))
+            self.known(where, entry, ("name", "key", "models", *_KEY_LIMITS))
             for required in ("name", "key"):
                 if required not in entry:
                     raise self.fail(f"{where}.{required}", "missing")
@@ -462,8 +488,30 @@ class _Parser:
                     )
             names.add(name)
             secrets.add(secret)
-            keys.append(KeyConfig(name=name, key=secret, models=models))
+            keys.append(
+                KeyConfig(name=name, key=secret, models=models, **self.limits(where, entry))
+            )
         return tuple(keys)
+
+    def limits(self, where: str, entry: dict[str, Any]) -> dict[str, Any]:
+        """A key's rate limits and budget (each is counted from the audit trail)."""
+        found: dict[str, Any] = {}
+        for name in ("rpm", "tpm"):
+            if name in entry:
+                found[name] = self.integer(f"{where}.{name}", entry[name], minimum=1)
+        if "max_budget_usd" in entry:
+            found["max_budget_usd"] = self.number(
+                f"{where}.max_budget_usd", entry["max_budget_usd"], minimum=0
+            )
+        if "budget_period" in entry:
+            period = self.string(f"{where}.budget_period", entry["budget_period"])
+            if period not in BUDGET_PERIODS:
+                raise self.fail(
+                    f"{where}.budget_period", f"unknown period {period!r} (use day, month or total)"
+                )
+            found["budget_period"] = period
+        self.needs_audit |= {f"{where}.{name}" for name in found if name != "budget_period"}
+        return found
 
     def pricing(self, where: str, raw: Any) -> Pricing:
         entry = self.table(where, raw)
@@ -540,6 +588,7 @@ class _Parser:
         )
 
 
+_KEY_LIMITS = ("rpm", "tpm", "max_budget_usd", "budget_period")
 # A table name we put into SQL text (with `_p20261130` and `_checkpoints` suffixes).
 _TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 

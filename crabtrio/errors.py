@@ -13,6 +13,8 @@ class GatewayError(Exception):
     status: int = 500
     kind: str = "server_error"
     default_code: str | None = None
+    # Response headers that go with the error (retry-after, x-ratelimit-*).
+    headers: list[tuple[bytes, bytes]] = []
 
     def __init__(
         self,
@@ -60,6 +62,26 @@ class RequestTimeout(GatewayError):
 
 class PayloadTooLarge(GatewayError):
     status, kind, default_code = 413, "invalid_request_error", "request_too_large"
+
+
+class RateLimited(GatewayError):
+    """The key is at its rpm or tpm (see `limits`)."""
+
+    status, kind, default_code = 429, "rate_limit_exceeded", "rate_limit_exceeded"
+
+    def __init__(self, message: str, headers: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(message)
+        self.headers = headers
+
+
+class BudgetExceeded(GatewayError):
+    """The key has spent its budget for the period (see `budgets`)."""
+
+    status, kind, default_code = 429, "insufficient_quota", "budget_exceeded"
+
+    def __init__(self, message: str, headers: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(message)
+        self.headers = headers
 
 
 class UpstreamError(GatewayError):

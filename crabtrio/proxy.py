@@ -19,7 +19,7 @@ import trio
 
 from .audit import PendingRecord
 from .audit.record import clip
-from .config import ProviderConfig
+from .config import KeyConfig, ProviderConfig
 from .deadline import Deadline
 from .dispatch import (
     REQUEST_ID,
@@ -136,10 +136,11 @@ class _Client:
 
 
 class _Request:
-    __slots__ = ("body", "plan")
+    __slots__ = ("body", "headers", "plan")
 
     def __init__(self, body: dict[str, Any], plan: list[ProviderConfig]) -> None:
         self.body, self.plan = body, plan
+        self.headers: list[tuple[bytes, bytes]] = []  # for the response (x-ratelimit-*)
 
 
 async def _accept(
@@ -152,8 +153,30 @@ async def _accept(
             "the audit log cannot record requests right now; retry shortly", code="audit_backlog"
         )
     key = svc.keys.authenticate(header(scope, b"authorization"))
-    if key is not None:
-        pending.key_name = key.name
+    if key is None:
+        return await _read_request(svc, endpoint, scope, client, pending, None)
+    pending.key_name = key.name
+    try:
+        request = await _read_request(svc, endpoint, scope, client, pending, key)
+    except GatewayError as exc:
+        if key.limited and not exc.headers:  # where the key stands, on every answer
+            exc.headers = svc.admission.headers(key)
+        raise
+    # Last, so that only a request that would go upstream counts against the key's rate.
+    request.headers = svc.admission.check(key)
+    pending.meter = svc.admission.meter(key)
+    return request
+
+
+async def _read_request(
+    svc: Services,
+    endpoint: str,
+    scope: Scope,
+    client: _Client,
+    pending: PendingRecord,
+    key: KeyConfig | None,
+) -> _Request:
+    """Read and validate the body, and resolve the model and its providers."""
     limit = svc.config.max_body_bytes
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -205,9 +228,9 @@ async def _forward(
         )
         pending.set_usage(_usage_of(content))
         await svc.audit.settle(pending.finish(200))
-        await send_json(send, 200, content)
+        await send_json(send, 200, content, request.headers)
     except GatewayError as exc:
-        await _send_error(svc, send, pending, exc)
+        await _send_error(svc, send, pending, exc, request.headers)
 
 
 async def _stream(svc: Services, send: Send, pending: PendingRecord, request: _Request) -> None:
@@ -222,7 +245,8 @@ async def _stream(svc: Services, send: Send, pending: PendingRecord, request: _R
     events = relay(opened, pending, wants_usage=wants_usage, wait_recorded=svc.audit.settle)
     try:
         async with aclosing(events):
-            await send({"type": "http.response.start", "status": 200, "headers": list(_SSE)})
+            headers = [*_SSE, *request.headers]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             async for chunk in events:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -230,12 +254,19 @@ async def _stream(svc: Services, send: Send, pending: PendingRecord, request: _R
         await opened.aclose()  # shielded: also after a client left or the server cut us off
 
 
-async def _send_error(svc: Services, send: Send, pending: PendingRecord, exc: GatewayError) -> None:
+async def _send_error(
+    svc: Services,
+    send: Send,
+    pending: PendingRecord,
+    exc: GatewayError,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Record the error, then answer it (with the request's headers, and the error's)."""
     try:
         await svc.audit.settle(pending.finish(exc.status, str(exc)))
     except GatewayError as durability:  # the error's own record could not be made durable
         exc = durability
-    await send_json(send, exc.status, exc.body_bytes())
+    await send_json(send, exc.status, exc.body_bytes(), [*(headers or ()), *exc.headers])
 
 
 def _usage_of(content: bytes) -> Any:

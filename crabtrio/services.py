@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import httpx
+import trio
 from quart import current_app
 
+from .admission import Admission
 from .audit import AuditLog
 from .auth import KeyRing
 from .config import Config
@@ -19,23 +22,32 @@ from .upstream import Scrubber, UpstreamClient
 
 @dataclass(frozen=True, slots=True)
 class Services:
-    config: Config
+    config: Config  # as loaded at startup: a reload replaces only the keys (see `reload`)
     router: Router
     keys: KeyRing
     audit: AuditLog
     upstream: Upstreams
+    admission: Admission
 
 
 @asynccontextmanager
 async def open_services(
-    config: Config, *, transport: httpx.AsyncBaseTransport | None = None
+    config: Config,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    clock: Callable[[], float] = time.time,
+    reload_on_sighup: bool = False,
 ) -> AsyncIterator[Services]:
-    """Open the audit log (writer, then reader) and the upstream client; close in reverse.
+    """Open the audit log (writer, then reader), the admission checks and the upstream
+    client; close in reverse. With `reload_on_sighup`, SIGHUP re-reads the keys.
 
-    Raises OSError when the audit file cannot be opened for appending.
+    Raises OSError when the audit file (or the rate limits' file) cannot be opened.
     """
     async with AsyncExitStack() as stack:
         audit = await stack.enter_async_context(AuditLog.open(config.audit))
+        admission = Admission(audit, clock)
+        stack.callback(admission.close)
+        admission.configure(config.keys)
         client = await stack.enter_async_context(
             UpstreamClient.open(config.providers.values(), transport=transport)
         )
@@ -43,13 +55,21 @@ async def open_services(
         secrets = [p.api_key for p in config.providers.values()]
         secrets += [k.key for k in config.keys] + [config.admin_token]
         upstream = Upstreams(client, Scrubber(secrets))
-        yield Services(
+        services = Services(
             config=config,
             router=Router(config),
             keys=KeyRing(config.keys),
             audit=audit,
             upstream=upstream,
+            admission=admission,
         )
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        if reload_on_sighup:
+            from .reload import watch  # here: reload imports this module
+
+            await nursery.start(watch, services)
+        yield services
+        nursery.cancel_scope.cancel()
 
 
 def current_services() -> Services:

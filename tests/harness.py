@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -152,13 +153,14 @@ async def gateway(
     base: str = BASE,
     audit: str = "",
     app_config: dict[str, Any] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Gateway]:
     audit_path = tmp_path / "audit.jsonl"
     config = parse_config(
         top + base + extra + f'\n[audit]\npath = "{audit_path}"\n{audit}\n', "test.toml"
     )
     transport = FakeUpstream(handler) if handler is not None else None
-    app = create_app(config, transport=transport)
+    app = create_app(config, transport=transport, clock=clock)
     app.config.update(app_config or {})
     async with app.test_app() as test_app:
         yield Gateway(app, test_app.test_client(), audit_path)

@@ -14,15 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..config import AuditConfig
+from ..config import AuditConfig, KeyConfig
 from ..errors import InvalidRequest, Unavailable
 from .columns import Cursor
 from .reader import AuditReader
-from .record import AuditRecord
+from .record import AuditRecord, decode_fields
 from .rollups import DIMENSIONS, HOUR_MS, select
 from .writer import AuditLogger, AuditStatistics
 
 if TYPE_CHECKING:  # the fleet modules import asyncpg: only when [audit.postgres] is set
+    from ..budgets import Spend
     from ..fleet.database import Database
     from ..fleet.shipper import Shipper
 
@@ -132,6 +133,35 @@ class AuditLog:
             group_by=group_by,
             interval=interval,
         )
+
+    def follow_spend(self, spend: Spend, keys: Sequence[KeyConfig]) -> None:
+        """Sum the keys' spend from the index as it stands, then count every record indexed
+        after (one step: nothing is indexed in between)."""
+        reader = self._reader
+        if reader is None:
+            return
+        spend.start(reader.index.rollup_sources(), keys)
+        reader.on_indexed = spend.observe
+
+    def recent(self, since: int) -> list[tuple[int, str, int]]:
+        """(timestamp, key name, tokens) of the indexed records since `since` (ms) of
+        requests that were admitted (they name a provider: a refused one never got that far),
+        what the rate limits rebuild their last minute from."""
+        reader = self._reader
+        if reader is None:
+            return []
+        found: list[tuple[int, str, int]] = []
+        before: Cursor | None = None
+        while True:
+            page = reader.index.query(since=since, before=before, limit=10_000)
+            for line in reader.read_lines(page.locations):
+                r = decode_fields(line)
+                if r is not None and r.provider:
+                    tokens = (r.prompt_tokens or 0) + (r.completion_tokens or 0)
+                    found.append((r.timestamp, r.key_name, tokens))
+            if page.next_cursor is None:
+                return found
+            before = page.next_cursor
 
     def shipping(self) -> dict[str, Any] | None:
         """The /health `shipping` block, or None when shipping is off."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from ..config import Pricing
@@ -37,6 +37,7 @@ class PendingRecord:
         "done",
         "endpoint",
         "key_name",
+        "meter",
         "model",
         "prompt_tokens",
         "provider",
@@ -59,6 +60,8 @@ class PendingRecord:
         self.endpoint = endpoint
         self.started = started
         self.key_name = ""
+        # Counts the request's tokens against its key's tpm (see `limits`) when recorded.
+        self.meter: Callable[[str, int], None] | None = None
         self.model = ""
         self.provider = ""
         self.stream = False
@@ -132,6 +135,8 @@ class PendingRecord:
                 pricing.prompt_cost_per_million,
                 pricing.completion_cost_per_million,
             )
+        if self.meter is not None:
+            self.meter(self.key_name, (self.prompt_tokens or 0) + (self.completion_tokens or 0))
         return self._logger.record(
             AuditRecord(
                 request_id=self.request_id,

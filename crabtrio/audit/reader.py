@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -74,6 +74,8 @@ class AuditReader:
         self._to_seal: list[_Source] = []
         self.checkpoints = {"loaded": 0, "written": 0}
         self._checkpointed = 0  # entries of the active file when it was last checkpointed
+        # Told of every batch of records indexed (the budgets' spend follows them).
+        self.on_indexed: Callable[[list[IndexedFields]], None] | None = None
 
     @classmethod
     @asynccontextmanager
@@ -396,6 +398,8 @@ class AuditReader:
             sizes = np.fromiter(map(len, lines), np.int64, len(lines))
             starts = np.cumsum(sizes + 1) - (sizes + 1) + source.offset
             self.index.segment(source.number).add(every, starts, sizes)
+            if self.on_indexed is not None:
+                self.on_indexed(every)
             return
         # Some line is blank or corrupt: decode them one by one.
         decoded = [None if line.isspace() or not line else decode_fields(line) for line in lines]
@@ -413,6 +417,8 @@ class AuditReader:
                 corrupt.add(offset)
             offset += length + 1
         self.index.segment(source.number).add(records, offsets, lengths)
+        if self.on_indexed is not None:
+            self.on_indexed(records)
 
 
 def _renamed(path: str, fd: int) -> str | None:

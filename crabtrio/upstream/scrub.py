@@ -22,6 +22,10 @@ class Scrubber:
     def __init__(self, secrets: Iterable[str | None]) -> None:
         self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
 
+    def add(self, secrets: Iterable[str | None]) -> None:
+        """Keep these out too (keys added by a config reload; removed ones stay secret)."""
+        self._secrets = sorted({*self._secrets, *(s for s in secrets if s)}, key=len, reverse=True)
+
     def text(self, text: str) -> str:
         """A decoded string with every secret replaced; withheld whole if its own `\\uXXXX`
         escapes spell one (an upstream error wrapped as a JSON string inside a string)."""
