@@ -103,8 +103,13 @@ def _child_main(action: str, directory: str) -> None:
                 sources = reader.index.rollup_sources()
                 select(sources, since=since, until=until, **kwargs)  # type: ignore[arg-type]
                 times.append(time.perf_counter() - start)
+            first = times[0]  # what this grouping summed before anything was cached for it
             times.sort()
-            out[name] = {"p50_ms": round(times[10] * 1000, 2), "max_ms": round(times[-1] * 1000, 2)}
+            out[name] = {
+                "first_ms": round(first * 1000, 2),
+                "p50_ms": round(times[10] * 1000, 2),
+                "max_ms": round(times[-1] * 1000, 2),
+            }
     reader.close()
     print(json.dumps(out))
 
@@ -207,7 +212,10 @@ def run(cache_dir: Path, workdir: Path, quick: bool) -> dict[str, Any]:
     rollups = _child("rollups", directory, workdir)
     results["rollups"] = {k: v for k, v in rollups.items() if isinstance(v, dict) and "p50_ms" in v}
     for name, figures in results["rollups"].items():
-        print(f"  rollups {name}: p50 {figures['p50_ms']} ms, max {figures['max_ms']} ms")
+        print(
+            f"  rollups {name}: p50 {figures['p50_ms']} ms, max {figures['max_ms']} ms, "
+            f"the first {figures['first_ms']} ms"
+        )
     return results
 
 

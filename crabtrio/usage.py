@@ -21,11 +21,14 @@ from .audit.rollups import (
     COST,
     DAY_MS,
     DIMENSIONS,
+    ERRORS,
     HISTOGRAM,
     HOUR_MS,
     LATENCY_BOUNDS_MS,
     PROMPT,
     REQUESTS,
+    Selection,
+    Sums,
     utc_text,
 )
 from .auth import check_admin
@@ -115,65 +118,48 @@ def parse_usage_query(
     )
 
 
-def rows(cells: dict[tuple[Any, ...], list[int]], query: UsageQuery) -> list[dict[str, Any]]:
-    """Report rows from rollup sums grouped by (bucket, *grouped_dimensions): status is
-    always among the groups (errors are the requests with status >= 400) and folded away
-    here unless asked for. Vectorized: a month per key per day is thousands of cells."""
-    if not cells:
+def rows(sums: Sums) -> list[dict[str, Any]]:
+    """Report rows from rollup sums grouped by (bucket, *group_by), in order. Columns until
+    the rows themselves: a month per key per day is 1,550 rows."""
+    if not len(sums):
         return []
-    keep_status = "status" in query.group_by
-    names = [*grouped_dimensions(query)[:-1], *(["status"] if keep_status else [])]
-    groups = list(cells)
-    values = np.array(list(cells.values()), dtype=np.float64)  # one row per cell
-    statuses = np.fromiter((group[-1] for group in groups), dtype=np.int64, count=len(groups))
-    errors = np.where(statuses >= 400, values[:, REQUESTS], 0.0)
-    if keep_status:
-        folded, index = groups, np.arange(len(groups))
-    else:
-        positions: dict[tuple[Any, ...], int] = {}
-        index = np.fromiter(
-            (positions.setdefault(group[:-1], len(positions)) for group in groups),
-            dtype=np.int64,
-            count=len(groups),
-        )
-        folded = list(positions)
-    sums = np.zeros((len(folded), values.shape[1]))
-    np.add.at(sums, index, values)
-    error_sums = np.bincount(index, errors, len(folded))
-    histograms = sums[:, HISTOGRAM : HISTOGRAM + BUCKETS]
-    p50, p95 = percentiles(histograms, 0.50), percentiles(histograms, 0.95)
-    columns = [sums[:, column].astype(np.int64).tolist() for column in _COLUMNS]
-    error_list = error_sums.astype(np.int64).tolist()
-    out = []
-    for i, key in enumerate(folded):
-        row: dict[str, Any] = {}
-        if query.interval is not None:
-            row["bucket"] = utc_text(key[0])
-        for name, value in zip(names, key[1:], strict=True):
-            row[name] = value
-        row["requests"] = columns[0][i]
-        row["errors"] = error_list[i]
-        row["prompt_tokens"] = columns[1][i]
-        row["completion_tokens"] = columns[2][i]
-        row["cost_micros"] = columns[3][i]
-        row["latency_ms_p50"] = p50[i]
-        row["latency_ms_p95"] = p95[i]
-        out.append(row)
-    # By bucket, then by the group values in the order `group_by` names them.
-    order = [*(["bucket"] if query.interval is not None else []), *query.group_by]
-    return sorted(out, key=lambda row: _order(tuple(row[name] for name in order)))
+    order = _order(sums)
+    values = sums.values.take(order, axis=1)
+    histograms = values[HISTOGRAM : HISTOGRAM + BUCKETS].T.astype(np.float64)
+    listed: dict[str, list[Any]] = {}
+    if sums.starts is not None:
+        starts = sums.starts[order].tolist()
+        texts = {start: utc_text(start) for start in set(starts)}  # a month is 31 of them
+        listed["bucket"] = [texts[start] for start in starts]
+    for name, column in zip(sums.group_by, sums.groups, strict=True):
+        codes = column[order].tolist()
+        listed[name] = codes if name == "status" else [sums.names[code] for code in codes]
+    for name, row in _FIGURES:
+        listed[name] = values[row].tolist()
+    listed["latency_ms_p50"] = percentiles(histograms, 0.50)
+    listed["latency_ms_p95"] = percentiles(histograms, 0.95)
+    header = list(listed)
+    return [dict(zip(header, row, strict=True)) for row in zip(*listed.values(), strict=True)]
 
 
-_COLUMNS = (REQUESTS, PROMPT, COMPLETION, COST)
+_FIGURES = (
+    ("requests", REQUESTS),
+    ("errors", ERRORS),
+    ("prompt_tokens", PROMPT),
+    ("completion_tokens", COMPLETION),
+    ("cost_micros", COST),
+)
 
 
-def grouped_dimensions(query: UsageQuery) -> tuple[str, ...]:
-    """What the rollups are grouped by for `query`: its dimensions, then always `status`."""
-    return (*(name for name in query.group_by if name != "status"), "status")
-
-
-def _order(key: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple((value is None, "" if value is None else value) for value in key)
+def _order(sums: Sums) -> np.ndarray:
+    """The rows' order: by bucket, then by the group values in the order `group_by` names
+    them (strings, which the columns hold as indices into `names`, as strings)."""
+    rank = np.empty(len(sums.names), np.int64)
+    rank[sorted(range(len(sums.names)), key=sums.names.__getitem__)] = np.arange(len(sums.names))
+    keys = [] if sums.starts is None else [sums.starts]
+    for name, column in zip(sums.group_by, sums.groups, strict=True):
+        keys.append(column if name == "status" else rank[column])
+    return np.lexsort(keys[::-1]) if keys else np.arange(len(sums))
 
 
 def percentile(histogram: np.ndarray, q: float) -> int | None:
@@ -220,10 +206,10 @@ async def report(audit: AuditLog, query: UsageQuery) -> list[dict[str, Any]]:
         return await audit.fleet_usage(
             **selection, instance=query.instance, group_by=query.group_by, interval=query.interval
         )
-    cells = await audit.rollups(
-        **selection, group_by=grouped_dimensions(query), interval=query.interval
-    )
-    return rows(cells, query)
+    found = await audit.rollups(**selection, group_by=query.group_by, interval=query.interval)
+    # AuditLog.rollups answers with rollups.select's Selection: its columns count the errors.
+    assert isinstance(found, Selection)
+    return rows(found.sums)
 
 
 async def serve_usage(

@@ -6,11 +6,24 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import numpy as np
 import pytest
 
 from crabtrio.audit.index import BUFFER_ENTRIES, AuditIndex
 from crabtrio.audit.record import IndexedFields
-from crabtrio.audit.rollups import select
+from crabtrio.audit.rollups import (
+    BUCKETS,
+    COMPLETION,
+    COST,
+    ERRORS,
+    HISTOGRAM,
+    PROMPT,
+    REQUESTS,
+    WIDTH,
+    grouped,
+    select,
+    summed,
+)
 
 Row = tuple[int, bytes, int, int, IndexedFields]  # (ts, rid key, offset, source, fields)
 
@@ -228,3 +241,126 @@ def test_a_batch_with_a_non_ascii_request_id_is_indexed_in_order() -> None:
     index.segment(0).add(batch, [0, 101, 202], [100] * 3)
     locations = index.query().locations
     assert [offset for _, offset, _ in locations] == [101, 202, 0]  # "é" > "z" > "a" in UTF-8
+
+
+def naive_sums(
+    rows: list[IndexedFields],
+    group_by: tuple[str, ...],
+    interval: int | None,
+    filters: dict[str, Any],
+    since: int = 0,
+    until: int = 2**62,
+) -> dict[tuple[Any, ...], list[int]]:
+    """Per (interval start or None, *group_by values): requests, prompt and completion
+    tokens, cost and errors (status >= 400) of the records of the hours that overlap
+    [since, until]."""
+    hour = 3_600_000
+    out: dict[tuple[Any, ...], list[int]] = {}
+    for f in rows:
+        if f.timestamp < since - since % hour or f.timestamp - f.timestamp % hour > until:
+            continue
+        values = {"key": f.key_name, "model": f.model, "provider": f.provider}
+        values["status"] = f.status  # type: ignore[assignment]
+        if any(values[k] != v for k, v in filters.items()):
+            continue
+        bucket = None if interval is None else f.timestamp - f.timestamp % interval
+        cell = out.setdefault((bucket, *(values[name] for name in group_by)), [0] * 5)
+        cell[0] += 1
+        cell[1] += f.prompt_tokens or 0
+        cell[2] += f.completion_tokens or 0
+        cell[3] += f.cost_micros
+        cell[4] += f.status >= 400
+    return out
+
+
+def summed_as_dict(index: AuditIndex, **query: Any) -> dict[tuple[Any, ...], list[int]]:
+    """`summed`'s columns as naive_sums' dict (and each group's histogram counts it once)."""
+    found = summed(index.rollup_sources(), **query)
+    starts = [None] * len(found) if found.starts is None else found.starts.tolist()
+    groups = zip(starts, *(found.column(name) for name in found.group_by), strict=True)
+    values = found.values
+    assert (values[HISTOGRAM : HISTOGRAM + BUCKETS].sum(axis=0) == values[REQUESTS]).all()
+    picked = values[[REQUESTS, PROMPT, COMPLETION, COST, ERRORS]].T.tolist()
+    return dict(zip(groups, picked, strict=True))
+
+
+def test_summed_errors_and_sums_match_a_naive_sum() -> None:
+    """Every way to a group's sums: daily cells summed over some dimensions, hourly cells
+    summed in runs or scattered, groups named in any order, several files' strings."""
+    index = AuditIndex()
+    rng = random.Random(13)
+    rows: list[IndexedFields] = []
+    for i in range(0, 6000, 300):
+        batch = [fields(rng, 86_400_000 * 3 + rng.randrange(0, 9 * 86_400_000)) for _ in range(300)]
+        index.segment(i % 3).add(batch, list(range(300)), [100] * 300)
+        rows += batch
+    day, hour = 86_400_000, 3_600_000
+    partial = {"since": 4 * day + 5 * hour + 7, "until": 9 * day + 2 * hour + 1}
+    for group_by, interval, filters, bounds in [
+        (("key",), day, {}, partial),
+        (("status", "key"), day, {}, partial),
+        (("key", "model"), day, {"status": 500}, partial),
+        (("key",), hour, {}, partial),
+        (("model",), hour, {"key": "k1"}, partial),
+        (("provider", "status"), None, {}, partial),
+        (("key", "model", "provider", "status"), hour, {}, {}),
+        (("status", "provider", "model", "key"), day, {}, partial),
+        ((), None, {"model": "m3"}, partial),
+        ((), day, {}, {}),
+    ]:
+        query = {"group_by": group_by, "interval": interval, "filters": filters, **bounds}
+        expected = naive_sums(rows, group_by, interval, filters, **bounds)
+        assert summed_as_dict(index, **query) == expected, query
+    assert summed_as_dict(index, filters={"key": "nobody"}) == {}
+
+
+def test_cached_groupings_follow_the_records_added_later() -> None:
+    index = AuditIndex()
+    rng = random.Random(17)
+    day = 86_400_000
+    rows = [fields(rng, rng.randrange(0, 6 * day)) for _ in range(3000)]
+    index.segment(0).add(rows, list(range(len(rows))), [100] * len(rows))
+    queries: list[tuple[tuple[str, ...], int | None, dict[str, Any]]] = [
+        (("key",), day, {}),
+        (("key", "status"), day, {}),
+        ((), None, {"key": "k2"}),
+        (("model",), day, {}),
+        (("provider",), None, {}),
+        (("status",), day, {}),  # more groupings than are kept
+    ]
+    for _ in range(2):  # the second time from what the first one kept
+        for group_by, interval, filters in queries:
+            got = summed_as_dict(index, group_by=group_by, interval=interval, filters=filters)
+            assert got == naive_sums(rows, group_by, interval, filters), group_by
+        more = [fields(rng, rng.randrange(0, 6 * day)) for _ in range(500)]
+        index.segment(0).add(more, list(range(len(more))), [100] * len(more))
+        rows += more
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [
+        [np.repeat(np.arange(50), 40), np.tile(np.arange(40), 50)],  # in order: runs
+        [np.arange(2000) % 7, np.arange(2000) % 11 * 100 + 200],  # few groups, sparse values
+        [np.arange(2000) * 997 % 1500, np.arange(2000) % 3],  # many groups
+        [np.arange(2000) % 5 * 10**12, np.arange(2000) % 2],  # values too wide to count
+        [np.random.default_rng(1).permutation(6000) * 3 for _ in range(5)],  # > 2**62 groups
+        [],
+    ],
+)
+def test_grouped_sums_each_distinct_row(columns: list[np.ndarray]) -> None:
+    n = len(columns[0]) if columns else 100
+    rng = np.random.default_rng(5)
+    values = rng.integers(1, 1000, (WIDTH, n)).astype(np.float64)
+    extra = rng.integers(0, 3, (1, n)).astype(np.float64)
+    naive: dict[tuple[int, ...], np.ndarray] = {}
+    for i in range(n):
+        group = tuple(int(column[i]) for column in columns)
+        naive[group] = naive.get(group, 0) + np.concatenate([values[:, i], extra[:, i]])
+    found, sums = grouped(columns, values, extra)
+    assert sums.shape == (WIDTH + 1, len(naive))
+    got = {tuple(int(c[j]) for c in found): sums[:, j] for j in range(sums.shape[1])}
+    assert got.keys() == naive.keys()
+    assert all((got[group] == naive[group]).all() for group in naive)
+    empty, none = grouped([column[:0] for column in columns], values[:, :0], extra[:, :0])
+    assert none.shape == (WIDTH + 1, 0) and all(len(column) == 0 for column in empty)
