@@ -2,8 +2,8 @@
 
 Figures: the first start after an upgrade (every sidecar built from JSONL), startup to the
 first 200 afterwards, worker RSS per indexed record, proportional set size of two workers
-against one, admin query latency over HTTP (and the same answers as a naive scan), and the
-rollup query over 30 days in-process.
+against one, admin query latency over HTTP (and the same answers as a naive scan), usage
+reports (also with records arriving), and the rollup query over 30 days in-process.
 
 Run by bench/run.py (`make bench`); `python bench/audit_scale.py child ACTION DIR` runs the
 in-process parts in a fresh process (importing crabtrio from PYTHONPATH, the run's snapshot).
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import audit_data
-from audit_bench import admin_query_figures, usage_figures
+from audit_bench import admin_query_figures, usage_figures, usage_under_traffic
 from procs import child_json, group_pids
 from targets import crabtrio_config, start_crabtrio
 
@@ -65,13 +66,27 @@ def layout(source: Path, directory: Path, segment_mb: int) -> Path:
     return active
 
 
+def traffic_layout(directory: Path, target: Path) -> Path:
+    """The layout again, its sealed segments and their sidecars linked, its active file
+    copied without its checkpoint: a gateway replays that file into rollup cells of its own,
+    as one running since the file was new holds them (a checkpoint's are a mapped base)."""
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for path in directory.iterdir():
+        if path.name == ACTIVE:
+            shutil.copyfile(path, target / ACTIVE)
+        elif path.suffix in (".jsonl", ".idx") and not path.name.startswith(ACTIVE):
+            (target / path.name).symlink_to(path)
+    return target / ACTIVE
+
+
 def _child(action: str, directory: Path, workdir: Path) -> dict[str, Any]:
     return child_json([__file__, "child", action, str(directory)], workdir, timeout=3600)
 
 
 def _child_main(action: str, directory: str) -> None:
     from crabtrio.audit.reader import AuditReader
-    from crabtrio.audit.rollups import select
+    from crabtrio.audit.sums import select
 
     reader = AuditReader(os.path.join(directory, ACTIVE))
     start = time.perf_counter()
@@ -209,6 +224,21 @@ def run(cache_dir: Path, workdir: Path, quick: bool) -> dict[str, Any]:
         f"{index_one / 1024:.0f} MB and {index_two / 1024:.0f} MB ({index_two / index_one:.2f}x)",
         flush=True,
     )
+    # Records arriving while reports are asked for, the active file's cells the gateway's own.
+    busy_active = traffic_layout(directory, workdir / "traffic")
+    config = crabtrio_config(None, busy_active, builtin_mock=True)
+    config = config.replace("[audit]\n", f"[audit]\nmax_file_mb = {2 * segment_mb}\n", 1)
+    busy = start_crabtrio("crabtrio-traffic", config, workdir)
+    try:
+        since = audit_data.START_MS
+        repeats = 50 if quick else 200
+        results["usage_under_traffic"] = usage_under_traffic(
+            busy.port, since, since + 30 * DAY_MS, repeats
+        )
+    finally:
+        busy.stop()
+        shutil.rmtree(busy_active.parent, ignore_errors=True)
+
     rollups = _child("rollups", directory, workdir)
     results["rollups"] = {k: v for k, v in rollups.items() if isinstance(v, dict) and "p50_ms" in v}
     for name, figures in results["rollups"].items():

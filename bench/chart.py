@@ -38,7 +38,7 @@ def draw(results: dict[str, Any], summary: dict[str, Any], path: Path) -> Path |
     top.set_ylabel("requests/s (log scale)")
     top.set_title("Throughput per target (median, min-max bars)")
     top.set_xticks(range(len(targets)), targets)
-    top.legend(ncol=3, fontsize=8)
+    top.legend(ncol=5, fontsize=8)
     top.grid(axis="y", alpha=0.3)
 
     gateways = [t for t in targets if t != "direct"]

@@ -106,14 +106,21 @@ def _health(port: int) -> dict[str, Any]:
 
 
 def chat_load(
-    config: str, workdir: Path, name: str, seconds: int, server: PostgresServer | None = None
+    config: str,
+    workdir: Path,
+    name: str,
+    seconds: int,
+    server: PostgresServer | None = None,
+    *,
+    code: Path | None = None,
 ) -> dict[str, Any]:
-    """wrk's chat scenario against a fresh gateway, /health sampled every 0.2 s meanwhile;
-    CPU per request of the gateway's processes (and of PostgreSQL's, when it ships)."""
+    """wrk's chat scenario against a fresh gateway (`code`: another crabtrio package than
+    the run's snapshot), /health sampled every 0.2 s meanwhile; CPU per request of the
+    gateway's processes (and of PostgreSQL's, when it ships)."""
     chat = next(s for s in SCENARIOS if s.name == "chat")
     body = workdir / "fleet-chat.json"
     body.write_bytes(chat.body_bytes())
-    gateway = start_crabtrio(name, config, workdir)
+    gateway = start_crabtrio(name, config, workdir, code=code)
     lags: list[float] = []
     stop = threading.Event()
 

@@ -200,7 +200,7 @@ def render(results: dict[str, Any], summary: dict[str, Any], checks: list[Check]
             rows,
         )
 
-    out += ["", "## Targets (issue 3)", ""]
+    out += ["", "## Targets (the issues' checks, by issue number)", ""]
     out += _table(
         ["#", "target", "measured", "needed", "status"],
         [[str(c.number), c.text, c.measured, c.needed, c.status] for c in checks],

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from http_probe import StreamTiming, probe_streams, send
+from http_probe import Request, StreamTiming, probe_streams, send
 from procs import RssSampler, cpu_seconds, group_pids, wait_idle
 from scenarios import Scenario
 from targets import Running
 from wrk import run_wrk
 
 MB = 1024 * 1024
+# The `type` of the last event of a complete stream (chat's streams end with `data: [DONE]`).
+LAST_EVENT = {"responses": "response.completed", "messages": "message_stop"}
+# A field of every good JSON answer, and its value.
+REPLY_KIND = {"responses": ("object", "response"), "messages": ("type", "message")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,19 +41,86 @@ def _ms(values: list[float], q: float) -> float | None:
     return round(percentile(values, q) * 1000, 3) if values else None
 
 
+def _ended(api: str, last_data: bytes) -> bool:
+    """Whether the last `data:` line of a stream of `api` is the one a complete stream ends
+    with."""
+    if api not in LAST_EVENT:
+        return b"[DONE]" in last_data
+    try:
+        event = json.loads(last_data[len(b"data:") :])
+    except ValueError:
+        return False
+    return isinstance(event, dict) and event.get("type") == LAST_EVENT[api]
+
+
+def _time_stream(conn: http.client.HTTPConnection, request: Request, api: str) -> StreamTiming:
+    """http_probe.time_stream for streams that end with a named event, not `[DONE]`."""
+    headers = {"Content-Type": "application/json", **request.headers}
+    start = time.perf_counter()
+    conn.request("POST", request.path, body=request.body, headers=headers)
+    response = conn.getresponse()
+    first = None
+    last = b""
+    while line := response.readline():
+        if line.startswith(b"data:"):
+            first = time.perf_counter() - start if first is None else first
+            last = line
+    end = time.perf_counter() - start
+    ok = response.status == 200 and _ended(api, last)
+    return StreamTiming(end if first is None else first, end, ok)
+
+
+def stream_probe(
+    request: Request, api: str, *, count: int, until: float | None = None, timeout: float = 30.0
+) -> list[StreamTiming]:
+    """http_probe.probe_streams (chat's streams) for the streams of any API."""
+    if api not in LAST_EVENT:
+        return probe_streams(request, count=count, until=until, timeout=timeout)
+    timings: list[StreamTiming] = []
+    conn = http.client.HTTPConnection("127.0.0.1", request.port, timeout=timeout)
+    try:
+        while len(timings) < count and (until is None or time.perf_counter() < until):
+            try:
+                timings.append(_time_stream(conn, request, api))
+            except (OSError, http.client.HTTPException):
+                timings.append(StreamTiming(timeout, timeout, False))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", request.port, timeout=timeout)
+    finally:
+        conn.close()
+    return timings
+
+
+def _reply_problem(api: str, body: bytes) -> str | None:
+    """What is wrong with a 200 answer of the Responses or Messages API (None: nothing)."""
+    if api not in REPLY_KIND:
+        return None
+    field, value = REPLY_KIND[api]
+    try:
+        reply = json.loads(body)
+        usage = reply["usage"]
+        good = reply[field] == value and all(
+            isinstance(usage[name], int) for name in ("input_tokens", "output_tokens")
+        )
+    except (ValueError, KeyError, TypeError):
+        good = False
+    return None if good else f"not a {api} answer with usage: {body[:160]!r}"
+
+
 def smoke(target: Running, scenario: Scenario) -> str | None:
     """None when one request of this scenario gets a good answer, else what went wrong."""
     request = target.request(scenario)
     try:
         if scenario.stream:
-            timing = probe_streams(request, count=1)[0]
-            return None if timing.ok else "the stream did not answer 200 and end with [DONE]"
+            timing = stream_probe(request, scenario.api, count=1)[0]
+            end = LAST_EVENT.get(scenario.api, "[DONE]")
+            return None if timing.ok else f"the stream did not answer 200 and end with {end}"
         reply = send(request)
     except OSError as exc:
         return f"no answer ({exc})"
     if reply.status != 200:
         return f"status {reply.status}: {reply.body[:160].decode('utf-8', 'replace')}"
-    return None
+    return _reply_problem(scenario.api, reply.body)
 
 
 def load(target: Running, scenario: Scenario, body_file: Path, seconds: int) -> dict[str, Any]:
@@ -61,7 +134,9 @@ def load(target: Running, scenario: Scenario, body_file: Path, seconds: int) -> 
         # A one-connection probe beside the load: time to first event while the target is busy.
         until = time.perf_counter() + seconds
         probe_thread = threading.Thread(
-            target=lambda: probes.extend(probe_streams(request, count=100_000, until=until)),
+            target=lambda: probes.extend(
+                stream_probe(request, scenario.api, count=100_000, until=until)
+            ),
             daemon=True,
         )
     pids_before = group_pids(group)

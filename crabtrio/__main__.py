@@ -20,7 +20,7 @@ import tempfile
 import hypercorn.run
 from hypercorn.__main__ import main as hypercorn_main
 
-from . import usage_cli
+from . import logs_cli, usage_cli, verify_cli
 from .app import EXIT_STARTUP_FAILED, WORKER_REPORT_ENV, configure_logging
 from .audit.store import AuditFile
 from .config import ConfigError, load_config
@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["usage"]:  # `python -m crabtrio usage ...`: a client, not the gateway
         return usage_cli.main(args[1:])
+    if args[:1] == ["logs"]:  # `python -m crabtrio logs ...`: a reader of the audit log
+        return logs_cli.main(args[1:])
+    if args[:1] == ["verify"]:  # `python -m crabtrio verify [PATH]`: checks its hash chain
+        return verify_cli.main(args[1:])
     configure_logging()
     try:
         config = load_config()

@@ -1,5 +1,6 @@
 """GET /v1/admin/logs: filtered, paginated audit records (admin token), from this host's
-index, or with `scope=fleet` from every replica's records in PostgreSQL."""
+index, or with `scope=fleet` from every replica's records in PostgreSQL; and GET
+/v1/admin/chain: the hash chain's head, for an external system to pin."""
 
 from __future__ import annotations
 
@@ -106,3 +107,20 @@ async def serve_logs(svc: Services, scope: Scope, receive: Receive, send: Send) 
         return b"[" + b",".join(lines) + b"]", extra
 
     await serve_get(scope, send, LOGS, answer)
+
+
+CHAIN = "/v1/admin/chain"
+
+
+async def serve_chain(svc: Services, scope: Scope, receive: Receive, send: Send) -> None:
+    """GET /v1/admin/chain: `{"head": <the last record's chain>, "seq": <its seq>,
+    "records": <every retained record>}`. Records this process accepted are in it."""
+
+    async def answer() -> Answer:
+        check_admin(svc.config.admin_token, header(scope, b"authorization"), scope.get("client"))
+        if scope["query_string"]:
+            raise InvalidRequest("this route takes no parameters")
+        head, records = await svc.audit.chain()
+        return orjson.dumps({"head": head.chain, "seq": head.seq, "records": records}), []
+
+    await serve_get(scope, send, CHAIN, answer)

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import NoReturn
 
@@ -21,6 +21,8 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import admin, api, proxy, usage
+from .apis import Api
+from .audit.chain import Link
 from .config import Config, ConfigError, load_config
 from .dispatch import ASGIApp, Receive, RequestDispatch, Scope, Send
 from .errors import GatewayError, error_body
@@ -122,7 +124,9 @@ def create_app(
         if multiprocessing.parent_process() is not None:  # a hypercorn worker
             _ignore_sigterm_in_worker()
             _freeze_startup_objects()
-        _log_startup(loaded)
+        audit = app.extensions["crabtrio"].audit
+        head = await audit.head() if audit.enabled else None
+        _log_startup(loaded, head)
         report_to_master("start")
 
     @app.after_serving
@@ -139,9 +143,10 @@ def create_app(
         return svc.config.cors_origins if svc is not None else ()
 
     handlers: dict[str, ASGIApp] = {
-        path: partial(_serve_proxied, services, endpoint) for path, endpoint in proxy.ROUTES.items()
+        path: partial(_serve_proxied, services, api) for path, api in proxy.ROUTES.items()
     }
-    handlers[admin.LOGS] = partial(_serve_admin_logs, services)
+    handlers[admin.LOGS] = partial(_serve_admin, admin.serve_logs, services)
+    handlers[admin.CHAIN] = partial(_serve_admin, admin.serve_chain, services)
     handlers[usage.ADMIN_USAGE] = partial(_serve_usage, services, admin=True)
     handlers[usage.KEY_USAGE] = partial(_serve_usage, services, admin=False)
     app.asgi_app = RequestDispatch(app.asgi_app, handlers, cors_origins)  # type: ignore[method-assign, assignment, arg-type]
@@ -162,18 +167,22 @@ def _task_died(exc: Exception, *, exit_process: bool) -> None:
 
 async def _serve_proxied(
     services: Callable[[], Services],
-    endpoint: str,
+    api: Api,
     scope: Scope,
     receive: Receive,
     send: Send,
 ) -> None:
-    await proxy.serve(services(), endpoint, scope, receive, send)
+    await proxy.serve(services(), api, scope, receive, send)
 
 
-async def _serve_admin_logs(
-    services: Callable[[], Services], scope: Scope, receive: Receive, send: Send
+async def _serve_admin(
+    route: Callable[[Services, Scope, Receive, Send], Awaitable[None]],
+    services: Callable[[], Services],
+    scope: Scope,
+    receive: Receive,
+    send: Send,
 ) -> None:
-    await admin.serve_logs(services(), scope, receive, send)
+    await route(services(), scope, receive, send)
 
 
 async def _serve_usage(
@@ -231,7 +240,7 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def _log_startup(config: Config) -> None:
+def _log_startup(config: Config, head: Link | None) -> None:
     for warning in config.warnings:
         log.warning("crabtrio: %s", warning)
     audit = config.audit
@@ -246,6 +255,9 @@ def _log_startup(config: Config) -> None:
         if audit.postgres is not None:  # never the DSN: it may hold a password
             pg = audit.postgres
             audit_text += f", shipped to PostgreSQL table {pg.table} as instance {pg.instance!r}"
+        if head is not None:
+            keyed = "HMAC-SHA256" if audit.chain_key else "SHA-256, no chain_key"
+            audit_text += f", hash chain ({keyed}) at seq {head.seq}, head {head.chain}"
     else:
         audit_text = "DISABLED"
     metered = sum(key.metered for key in config.keys)

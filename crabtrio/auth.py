@@ -38,15 +38,18 @@ class KeyRing:
     def enabled(self) -> bool:
         return bool(self._by_secret)
 
-    def authenticate(self, header: str | None) -> KeyConfig | None:
-        """The key presented in `header`; None when auth is off. Raises Unauthorized."""
+    def authenticate(
+        self, header: str | None, api_key: str | None = None, *, x_api_key: bool = False
+    ) -> KeyConfig | None:
+        """The key presented in the Authorization `header`, or as `api_key` (the x-api-key
+        header, on routes of Anthropic's API: `x_api_key`); None when auth is off. Raises
+        Unauthorized."""
         if not self._by_secret:
             return None
-        token = bearer_token(header)
-        if token is None:
-            raise Unauthorized(
-                "missing API key: send it as 'Authorization: Bearer <key>'", code="missing_api_key"
-            )
+        token = api_key.strip() if api_key else bearer_token(header)
+        if not token:
+            how = "'Authorization: Bearer <key>'" + (" or 'x-api-key: <key>'" if x_api_key else "")
+            raise Unauthorized(f"missing API key: send it as {how}", code="missing_api_key")
         key = self._by_secret.get(token)
         if key is None:
             raise Unauthorized("invalid API key")

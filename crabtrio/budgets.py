@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .audit.record import IndexedFields
-from .audit.rollups import COST, DAY_MS, MAX_COST, Rollups, select
+from .audit.rollups import COST, DAY_MS, MAX_COST, Rollups
+from .audit.sums import select
 from .config import KeyConfig
 
 MICROS_PER_USD = 1_000_000

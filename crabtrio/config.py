@@ -17,7 +17,12 @@ from urllib.parse import urlsplit
 ENV_CONFIG = "CRABTRIO_CONFIG"
 LOCAL_CONFIG = "crabtrio.toml"
 EMBEDDED_SOURCE = "<embedded default config>"
-PROVIDER_KINDS = ("openai", "mock")
+PROVIDER_KINDS = ("openai", "anthropic", "mock")
+# Where each kind is when `base_url` is left out.
+DEFAULT_BASE_URLS = {
+    "openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com/v1",
+}
 SYNC_MODES = ("interval", "always", "never")
 PROVIDER_SETTINGS = (
     *("kind", "base_url", "api_key", "models", "weight", "max_retries", "timeout"),
@@ -53,7 +58,7 @@ class ConfigError(Exception):
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
     name: str
-    kind: Literal["openai", "mock"]
+    kind: Literal["openai", "anthropic", "mock"]
     base_url: str
     api_key: str | None
     models: tuple[str, ...]
@@ -117,6 +122,9 @@ class KeyConfig:
 class Pricing:
     prompt_cost_per_million: float = 0.0
     completion_cost_per_million: float = 0.0
+    # Anthropic's prompt caching: input tokens read from, and written to, the cache.
+    cache_read_cost_per_million: float = 0.0
+    cache_creation_cost_per_million: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +151,9 @@ class AuditConfig:
     retention_days: float | None = None
     max_total_mb: float | None = None
     postgres: PostgresConfig | None = None
+    # The hash chain's HMAC key (without one: SHA-256), and keys it had before (verify).
+    chain_key: str | None = None
+    chain_old_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,14 +380,14 @@ class _Parser:
             kind = self.string(f"{where}.kind", entry.get("kind", "openai"))
             if kind not in PROVIDER_KINDS:
                 raise self.fail(
-                    f"{where}.kind", f"unknown provider kind {kind!r} (use one of: openai, mock)"
+                    f"{where}.kind",
+                    f"unknown provider kind {kind!r} (use one of: {', '.join(PROVIDER_KINDS)})",
                 )
             if "models" not in entry:
                 raise self.fail(f"{where}.models", "missing: list the models this provider serves")
-            base_url = self.string(
-                f"{where}.base_url", entry.get("base_url", "https://api.openai.com/v1")
-            )
-            if kind == "openai" and not base_url.startswith(("http://", "https://")):
+            default_url = DEFAULT_BASE_URLS.get(kind, DEFAULT_BASE_URLS["openai"])
+            base_url = self.string(f"{where}.base_url", entry.get("base_url", default_url))
+            if kind != "mock" and not base_url.startswith(("http://", "https://")):
                 raise self.fail(f"{where}.base_url", "must start with http:// or https://")
             api_key = entry.get("api_key")
 
@@ -515,18 +526,20 @@ class _Parser:
 
     def pricing(self, where: str, raw: Any) -> Pricing:
         entry = self.table(where, raw)
-        names = ("prompt_cost_per_million", "completion_cost_per_million")
-        self.known(where, entry, names)
-        prompt, completion = (
-            self.number(f"{where}.{name}", entry.get(name, 0), minimum=0) for name in names
+        names = [field.name for field in fields(Pricing)]
+        self.known(where, entry, tuple(names))
+        return Pricing(
+            **{
+                name: self.number(f"{where}.{name}", entry.get(name, 0), minimum=0)
+                for name in names
+            }
         )
-        return Pricing(prompt, completion)
 
     def audit(self, raw: Any) -> AuditConfig:
         entry = self.table("audit", raw)
         fields = ("path", "enabled", "sync", "sync_interval_ms", "queue_max")
         limits = ("max_file_mb", "retention_days", "max_total_mb")
-        self.known("audit", entry, (*fields, *limits, "postgres"))
+        self.known("audit", entry, (*fields, *limits, "postgres", "chain_key", "chain_old_keys"))
         sync = self.string("audit.sync", entry.get("sync", "interval"))
         if sync not in SYNC_MODES:
             raise self.fail("audit.sync", f"unknown mode {sync!r} (use interval, always or never)")
@@ -550,6 +563,12 @@ class _Parser:
             retention_days=optional("retention_days", positive),
             max_total_mb=optional("max_total_mb", positive),
             postgres=self.postgres(entry["postgres"]) if "postgres" in entry else None,
+            chain_key=self.string("audit.chain_key", entry["chain_key"])
+            if "chain_key" in entry
+            else None,
+            chain_old_keys=self.strings("audit.chain_old_keys", entry["chain_old_keys"])
+            if "chain_old_keys" in entry
+            else (),
         )
 
     def postgres(self, raw: Any) -> PostgresConfig:

@@ -27,8 +27,11 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Browsers may call these (with `cors_origins`); admin routes and /health never answer CORS.
-CORS_PATHS = ("/v1/chat/completions", "/v1/embeddings", "/v1/models")
-_CORS_ALLOW_HEADERS = b"authorization, content-type"
+CORS_PATHS = (
+    *("/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"),
+    "/v1/models",
+)
+_CORS_ALLOW_HEADERS = b"authorization, content-type, x-api-key, anthropic-version, anthropic-beta"
 _CORS_MAX_AGE = b"600"
 _HEADER_LIST = re.compile(rb"[A-Za-z0-9\-]+(?:\s*,\s*[A-Za-z0-9\-]+){0,63}")
 

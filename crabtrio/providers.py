@@ -29,7 +29,6 @@ from .routing import backoff_delay
 from .sse import EventSplitter, EventTooLarge
 from .upstream import Scrubber, UpstreamClient, UpstreamResponse
 
-PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}
 # How long a stream's remainder after [DONE] may take before the connection is dropped.
 DRAIN_SECONDS = 1.0
 KIB = 1024
@@ -156,13 +155,14 @@ class Upstreams:
         path: str,
         payload: bytes,
         on_try: Callable[[str], None],
+        headers: Sequence[tuple[str, str]] = (),
     ) -> bytes:
         """The upstream's whole 2xx answer, or raise UpstreamError."""
         attempts = _Attempts(plan, on_try)
         for provider, retry in attempts:
             await attempts.begin(provider, retry)
             try:
-                response = await self.client.post(provider, path, payload)
+                response = await self.client.post(provider, path, payload, headers)
                 try:
                     problem = await self._check_status(response, provider)
                     if problem is None:
@@ -177,16 +177,21 @@ class Upstreams:
         raise attempts.error()
 
     async def open_stream(
-        self, plan: Sequence[ProviderConfig], payload: bytes, on_try: Callable[[str], None]
+        self,
+        plan: Sequence[ProviderConfig],
+        path: str,
+        payload: bytes,
+        on_try: Callable[[str], None],
+        headers: Sequence[tuple[str, str]] = (),
     ) -> OpenedStream:
-        """Open a chat stream and read its first event; retry and fall back until one does."""
+        """Open a stream and read its first event; retry and fall back until one does."""
         attempts = _Attempts(plan, on_try)
         for provider, retry in attempts:
             await attempts.begin(provider, retry)
             response: UpstreamResponse | None = None
             opened: OpenedStream | None = None
             try:
-                response = await self.client.post(provider, PATHS["chat"], payload)
+                response = await self.client.post(provider, path, payload, headers)
                 problem = await self._check_status(response, provider)
                 if problem is None:
                     opened = await _first_events(response, provider)

@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions and /v1/embeddings: the proxied routes, served straight from ASGI.
+"""POST /v1/chat/completions, /v1/embeddings, /v1/responses and /v1/messages: the proxied
+routes, served straight from ASGI (what differs between their APIs is in `apis`).
 
 These two routes are the gateway's hot path. Quart's per-request machinery (request context,
 signals, a nursery with two tasks, Response objects) cost 140 µs of CPU and 0.11 ms of
@@ -17,6 +18,8 @@ from typing import Any
 import orjson
 import trio
 
+from . import apis
+from .apis import Api
 from .audit import PendingRecord
 from .audit.record import clip
 from .config import KeyConfig, ProviderConfig
@@ -40,13 +43,12 @@ from .errors import (
     RequestTimeout,
     Unavailable,
 )
-from .providers import PATHS as UPSTREAM_PATHS
 from .services import Services
-from .stream import relay
+from .stream import ChatEvents, Events, TypedEvents, relay
 
 log = logging.getLogger("crabtrio")
 
-ROUTES = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
+ROUTES = apis.ROUTES
 # Like Quart's BODY_TIMEOUT: a client has this long to send its whole request body.
 BODY_TIMEOUT_SECONDS = 60.0
 
@@ -61,21 +63,21 @@ class _ClientGone(Exception):
     """The client disconnected before its request body was complete."""
 
 
-async def serve(svc: Services, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
+async def serve(svc: Services, api: Api, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer one request to a proxied route. Its record is made here, whatever happens:
     by the step that answers, or at the end for a request cut off before it could answer."""
     if scope["method"] != "POST":
         await method_not_allowed(send, b"POST")
         return
     pending = PendingRecord(
-        svc.audit, svc.config.pricing, scope[REQUEST_ID], endpoint, scope[STARTED]
+        svc.audit, svc.config.pricing, scope[REQUEST_ID], api.endpoint, scope[STARTED]
     )
     client = _Client(receive)
     try:
         try:
-            request = await _accept(svc, endpoint, scope, client, pending)
+            request = await _accept(svc, api, scope, client, pending)
         except GatewayError as exc:
-            await _send_error(svc, send, pending, exc)
+            await _send_error(svc, api, send, pending, exc)
             return
         except _ClientGone:
             return
@@ -83,10 +85,11 @@ async def serve(svc: Services, endpoint: str, scope: Scope, receive: Receive, se
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.watch, nursery.cancel_scope)
             try:
-                await _forward(svc, endpoint, send, pending, request)
+                await _forward(svc, api, send, pending, request)
             except Exception:
                 log.exception("crabtrio: unexpected error on %s", scope["path"])
-                await _send_error(svc, send, pending, GatewayError("internal error; see the log"))
+                internal = GatewayError("internal error; see the log")
+                await _send_error(svc, api, send, pending, internal)
             nursery.cancel_scope.cancel()
     finally:
         if not pending.done:
@@ -136,15 +139,16 @@ class _Client:
 
 
 class _Request:
-    __slots__ = ("body", "headers", "plan")
+    __slots__ = ("body", "headers", "plan", "upstream_headers")
 
     def __init__(self, body: dict[str, Any], plan: list[ProviderConfig]) -> None:
         self.body, self.plan = body, plan
         self.headers: list[tuple[bytes, bytes]] = []  # for the response (x-ratelimit-*)
+        self.upstream_headers: list[tuple[str, str]] = []  # the client's, passed on
 
 
 async def _accept(
-    svc: Services, endpoint: str, scope: Scope, client: _Client, pending: PendingRecord
+    svc: Services, api: Api, scope: Scope, client: _Client, pending: PendingRecord
 ) -> _Request:
     """Admit, authenticate, read and validate the request, and resolve its route."""
     if not svc.audit.admit():
@@ -152,12 +156,13 @@ async def _accept(
         raise Unavailable(
             "the audit log cannot record requests right now; retry shortly", code="audit_backlog"
         )
-    key = svc.keys.authenticate(header(scope, b"authorization"))
+    api_key = header(scope, b"x-api-key") if api.anthropic else None
+    key = svc.keys.authenticate(header(scope, b"authorization"), api_key, x_api_key=api.anthropic)
     if key is None:
-        return await _read_request(svc, endpoint, scope, client, pending, None)
+        return await _read_request(svc, api, scope, client, pending, None)
     pending.key_name = key.name
     try:
-        request = await _read_request(svc, endpoint, scope, client, pending, key)
+        request = await _read_request(svc, api, scope, client, pending, key)
     except GatewayError as exc:
         if key.limited and not exc.headers:  # where the key stands, on every answer
             exc.headers = svc.admission.headers(key)
@@ -170,7 +175,7 @@ async def _accept(
 
 async def _read_request(
     svc: Services,
-    endpoint: str,
+    api: Api,
     scope: Scope,
     client: _Client,
     pending: PendingRecord,
@@ -205,44 +210,91 @@ async def _read_request(
     if key is not None and not key.allows(model, requested):
         raise Forbidden(f"key {key.name!r} may not use model {clip(requested)!r}", param="model")
     body["model"] = model
-    if endpoint == "chat":
+    if api.streams:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise InvalidRequest("'stream' must be true or false", param="stream")
         pending.stream = stream
-    return _Request(body, svc.router.plan(model))
+    plan = svc.router.plan(model, api.kinds)
+    if not plan:
+        raise NotFound(
+            f"model {clip(requested)!r} is served by no provider that speaks the "
+            f"{api.endpoint} API here",
+            code="model_not_found",
+            param="model",
+        )
+    request = _Request(body, plan)
+    if api is apis.RESPONSES:
+        previous = body.get("previous_response_id")
+        if isinstance(previous, str) and len(plan) > 1:
+            request.plan = _continuing(svc, previous, plan)
+    elif api is apis.MESSAGES:
+        version = header(scope, b"anthropic-version") or apis.ANTHROPIC_VERSION
+        request.upstream_headers.append(("anthropic-version", version))
+        beta = header(scope, b"anthropic-beta")
+        if beta:
+            request.upstream_headers.append(("anthropic-beta", beta))
+    return request
+
+
+def _continuing(svc: Services, previous: str, plan: list[ProviderConfig]) -> list[ProviderConfig]:
+    """A request that continues a stored response goes to the provider that made it (no other
+    can resolve its id), when the gateway relayed that response; else the normal plan."""
+    name = svc.affinity.provider(previous)
+    chosen = [provider for provider in plan if provider.name == name]
+    return chosen or plan
 
 
 async def _forward(
-    svc: Services, endpoint: str, send: Send, pending: PendingRecord, request: _Request
+    svc: Services, api: Api, send: Send, pending: PendingRecord, request: _Request
 ) -> None:
     """Call the upstream and answer. The body goes upstream as parsed and re-encoded, never as
     the client's bytes: with duplicate keys (`{"model":"a","model":"b"}`) orjson keeps the
     last, other parsers the first, and the upstream must serve exactly what was authorized."""
     try:
         if pending.stream:
-            await _stream(svc, send, pending, request)
+            await _stream(svc, api, send, pending, request)
             return
         content = await svc.upstream.call_json(
-            request.plan, UPSTREAM_PATHS[endpoint], orjson.dumps(request.body), pending.set_provider
+            request.plan,
+            api.upstream_path,
+            orjson.dumps(request.body),
+            pending.set_provider,
+            request.upstream_headers,
         )
-        pending.set_usage(_usage_of(content))
+        answer = _parsed(content)
+        pending.set_usage(answer.get("usage"), api.usage)
         await svc.audit.settle(pending.finish(200))
+        if api is apis.RESPONSES and isinstance(answer.get("id"), str):
+            svc.affinity.remember(answer["id"], pending.provider)
         await send_json(send, 200, content, request.headers)
     except GatewayError as exc:
-        await _send_error(svc, send, pending, exc, request.headers)
+        await _send_error(svc, api, send, pending, exc, request.headers)
 
 
-async def _stream(svc: Services, send: Send, pending: PendingRecord, request: _Request) -> None:
+async def _stream(
+    svc: Services, api: Api, send: Send, pending: PendingRecord, request: _Request
+) -> None:
     body = request.body
-    options = body.get("stream_options")
-    wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-    if not wants_usage:
-        # Ask for usage anyway, for the record; the usage-only chunk is not forwarded.
-        body["stream_options"] = {**(options if isinstance(options, dict) else {})}
-        body["stream_options"]["include_usage"] = True
-    opened = await svc.upstream.open_stream(request.plan, orjson.dumps(body), pending.set_provider)
-    events = relay(opened, pending, wants_usage=wants_usage, wait_recorded=svc.audit.settle)
+    watcher: Events
+    if api is apis.CHAT:
+        options = body.get("stream_options")
+        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        if not wants_usage:
+            # Ask for usage anyway, for the record; the usage-only chunk is not forwarded.
+            body["stream_options"] = {**(options if isinstance(options, dict) else {})}
+            body["stream_options"]["include_usage"] = True
+        watcher = ChatEvents(pending, wants_usage)
+    else:  # their streams carry usage unasked
+        watcher = TypedEvents(pending, api)
+    opened = await svc.upstream.open_stream(
+        request.plan,
+        api.upstream_path,
+        orjson.dumps(body),
+        pending.set_provider,
+        request.upstream_headers,
+    )
+    events = relay(opened, pending, watcher, api, wait_recorded=svc.audit.settle)
     try:
         async with aclosing(events):
             headers = [*_SSE, *request.headers]
@@ -252,26 +304,31 @@ async def _stream(svc: Services, send: Send, pending: PendingRecord, request: _R
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
         await opened.aclose()  # shielded: also after a client left or the server cut us off
+        if watcher.response_id is not None and pending.provider:
+            svc.affinity.remember(watcher.response_id, pending.provider)
 
 
 async def _send_error(
     svc: Services,
+    api: Api,
     send: Send,
     pending: PendingRecord,
     exc: GatewayError,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    """Record the error, then answer it (with the request's headers, and the error's)."""
+    """Record the error, then answer it in the API's shape (with the request's headers, and
+    the error's)."""
     try:
         await svc.audit.settle(pending.finish(exc.status, str(exc)))
     except GatewayError as durability:  # the error's own record could not be made durable
         exc = durability
-    await send_json(send, exc.status, exc.body_bytes(), [*(headers or ()), *exc.headers])
+    await send_json(send, exc.status, api.error_body(exc), [*(headers or ()), *exc.headers])
 
 
-def _usage_of(content: bytes) -> Any:
+def _parsed(content: bytes) -> dict[str, Any]:
+    """An upstream's JSON answer as an object ({} if it is none: relayed all the same)."""
     try:
         answer = orjson.loads(content)
     except orjson.JSONDecodeError:
-        return None
-    return answer.get("usage") if isinstance(answer, dict) else None
+        return {}
+    return answer if isinstance(answer, dict) else {}

@@ -25,6 +25,7 @@ class Router:
             for model, providers in served.items()
         }
         self._aliases = dict(config.aliases)
+        self._speaking: dict[tuple[str, tuple[str, ...]], tuple[ProviderConfig, ...]] = {}
 
     def resolve(self, requested: str) -> str | None:
         """The canonical model for a requested name, or None when nothing serves it."""
@@ -35,11 +36,22 @@ class Router:
     def providers(self, model: str) -> Sequence[ProviderConfig]:
         return self._providers[model]
 
-    def plan(self, model: str, rng: random.Random | None = None) -> list[ProviderConfig]:
-        """Providers to try: one picked at random by weight, then the rest by descending weight."""
-        providers = self._providers[model]
-        if len(providers) == 1:
-            return [providers[0]]
+    def speaking(self, model: str, kinds: tuple[str, ...]) -> Sequence[ProviderConfig]:
+        """The model's providers of these kinds (the ones that speak a route's API)."""
+        found = self._speaking.get((model, kinds))
+        if found is None:
+            found = tuple(p for p in self._providers[model] if p.kind in kinds)
+            self._speaking[(model, kinds)] = found
+        return found
+
+    def plan(
+        self, model: str, kinds: tuple[str, ...], rng: random.Random | None = None
+    ) -> list[ProviderConfig]:
+        """Providers of these kinds to try: one picked at random by weight, then the rest by
+        descending weight. Empty when none of the model's providers is of these kinds."""
+        providers = self.speaking(model, kinds)
+        if len(providers) <= 1:
+            return list(providers)
         pick = (rng or random).choices(providers, weights=[p.weight for p in providers])[0]
         return [pick, *(p for p in providers if p is not pick)]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -12,6 +13,7 @@ import trio
 from quart import current_app
 
 from .admission import Admission
+from .affinity import ResponseAffinity
 from .audit import AuditLog
 from .auth import KeyRing
 from .config import Config
@@ -28,6 +30,7 @@ class Services:
     audit: AuditLog
     upstream: Upstreams
     admission: Admission
+    affinity: ResponseAffinity  # which provider served a Responses API response
 
 
 @asynccontextmanager
@@ -54,7 +57,13 @@ async def open_services(
         # Kept out of every upstream text that is relayed or recorded.
         secrets = [p.api_key for p in config.providers.values()]
         secrets += [k.key for k in config.keys] + [config.admin_token]
+        secrets += [config.audit.chain_key, *config.audit.chain_old_keys]
         upstream = Upstreams(client, Scrubber(secrets))
+        affinity_path = os.path.abspath(config.audit.path) + ".responses"
+        affinity = ResponseAffinity(
+            config.providers, affinity_path if config.audit.enabled else None
+        )
+        stack.callback(affinity.close)
         services = Services(
             config=config,
             router=Router(config),
@@ -62,6 +71,7 @@ async def open_services(
             audit=audit,
             upstream=upstream,
             admission=admission,
+            affinity=affinity,
         )
         nursery = await stack.enter_async_context(trio.open_nursery())
         if reload_on_sighup:

@@ -27,10 +27,9 @@ from .audit.rollups import (
     LATENCY_BOUNDS_MS,
     PROMPT,
     REQUESTS,
-    Selection,
-    Sums,
     utc_text,
 )
+from .audit.sums import Sums
 from .auth import check_admin
 from .dispatch import Answer, Receive, Scope, Send, header, serve_get
 from .errors import InvalidRequest, Unauthorized
@@ -206,10 +205,8 @@ async def report(audit: AuditLog, query: UsageQuery) -> list[dict[str, Any]]:
         return await audit.fleet_usage(
             **selection, instance=query.instance, group_by=query.group_by, interval=query.interval
         )
-    found = await audit.rollups(**selection, group_by=query.group_by, interval=query.interval)
-    # AuditLog.rollups answers with rollups.select's Selection: its columns count the errors.
-    assert isinstance(found, Selection)
-    return rows(found.sums)
+    found = await audit.summed(**selection, group_by=query.group_by, interval=query.interval)
+    return rows(found)
 
 
 async def serve_usage(

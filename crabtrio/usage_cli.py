@@ -2,75 +2,68 @@
 CSV, or a PNG chart of spend per group over time.
 
 A client of the HTTP API only: it runs against any gateway it can reach, so it shares no code
-with the serving side. Failures are one line on stderr: exit 2 for bad arguments, 1 for an
-unreachable gateway, an API error or an unwritable chart.
+with the serving side (what it shares with `logs` is in crabtrio/cli.py). Failures are one line
+on stderr: exit 2 for bad arguments, 1 for an unreachable gateway, an API error or an
+unwritable chart.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 
+from .cli import (
+    DAY_MS,
+    DEFAULT_URL,
+    HOUR_MS,
+    TIMES_HELP,
+    TOKEN_ENV,
+    URL_ENV,
+    AdminClient,
+    CliError,
+    admin_token,
+    base_url,
+    fail,
+    now_ms,
+    time_arg,
+    usd,
+)
+
 PROG = "crabtrio usage"
-URL_ENV, TOKEN_ENV = "CRABTRIO_URL", "CRABTRIO_ADMIN_TOKEN"
-DEFAULT_URL = "http://127.0.0.1:8080"
 ROUTE = "/v1/admin/usage"
 # The API's names: its group_by dimensions and its figures per row (see crabtrio/usage.py).
 DIMENSIONS = ("key", "model", "provider", "status")
 _COUNTS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_micros")
 _LATENCIES = ("latency_ms_p50", "latency_ms_p95")
-MINUTE_MS = 60_000
-HOUR_MS = 60 * MINUTE_MS
-DAY_MS = 24 * HOUR_MS
 HOURLY_UP_TO_MS = 2 * DAY_MS  # the default interval: hours up to 48 bars, then days
-TIMEOUT_S = 60.0  # a month of fleet-wide rollups is one PostgreSQL query of a few seconds
 MAX_SERIES = 10  # the chart draws the groups that spent most; the rest as one "other" series
-MAX_MESSAGE_CHARS = 300
-_AGO = re.compile(r"(\d{1,9})([mhdw])")
-_UNITS = {"m": MINUTE_MS, "h": HOUR_MS, "d": DAY_MS, "w": 7 * DAY_MS}
 _ADVERBS = {"hour": "hourly", "day": "daily"}
 _SIZES = {"hour": HOUR_MS, "day": DAY_MS}
 NONE_SHOWN = "(none)"  # a group value that is empty: e.g. a request refused before its key
 
 
-class UsageError(Exception):
-    """A failure worth one line and exit 1: the gateway unreachable, an API error, a bad
-    answer, an unwritable chart."""
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    now_ms = time.time_ns() // 1_000_000
-    times: dict[str, int] = {}
-    for name in ("since", "until"):
-        try:
-            text = getattr(args, name)
-            times[name] = now_ms if text is None else epoch_ms(text, now_ms)
-        except ValueError as exc:
-            parser.error(f"--{name}: {exc}")
-    since, until = times["since"], times["until"]
+    now = now_ms()
+    since = time_arg(parser, "--since", args.since, now)
+    until = now if args.until is None else time_arg(parser, "--until", args.until, now)
     interval = args.interval or ("hour" if until - since <= HOURLY_UP_TO_MS else "day")
     if args.png is not None and interval == "none":
         parser.error("--png draws a time series: give --interval hour or day")
-    token = os.environ.get(TOKEN_ENV, "").strip() or None
-    if token is not None and not (token.isascii() and token.isprintable()):
-        parser.error(f"${TOKEN_ENV} must be printable ASCII")
+    token = admin_token(parser)
     if args.png is not None:
         try:
             import matplotlib  # noqa: F401  (`draw` imports its parts: fail before the request)
         except ImportError:
-            return _fail("--png needs matplotlib: pip install matplotlib")
+            return fail(PROG, "--png needs matplotlib: pip install matplotlib")
     params: dict[str, str] = {"since": str(since), "until": str(until)}
     if args.group_by:
         params["group_by"] = ",".join(args.group_by)
@@ -82,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.csv:
         params["format"] = "csv"
     try:
-        answer = fetch(args.url, params, token)
+        with AdminClient(args.url, token) as client:
+            answer = client.get(ROUTE, params)
         if args.csv:
             sys.stdout.write(answer.text)
             return 0
@@ -94,8 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(table(found, args.group_by, interval != "none"))
         else:
             print(f"no requests from {_shown_time(since)} to {_shown_time(until)} UTC")
-    except UsageError as exc:
-        return _fail(_scrubbed(str(exc), token))
+    except CliError as exc:
+        return fail(PROG, str(exc), token)
     return 0
 
 
@@ -107,13 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--url",
-        type=_base_url,
+        type=base_url,
         default=os.environ.get(URL_ENV) or DEFAULT_URL,
         help=f"the gateway (default ${URL_ENV} or {DEFAULT_URL})",
     )
-    times = "ISO 8601 (UTC unless it has an offset) or a time ago: 90m, 24h, 7d, 2w"
-    parser.add_argument("--since", default="24h", help=f"{times} (default 24h)")
-    parser.add_argument("--until", help=f"{times} (default now)")
+    parser.add_argument("--since", default="24h", help=f"{TIMES_HELP} (default 24h)")
+    parser.add_argument("--until", help=f"{TIMES_HELP} (default now)")
     parser.add_argument(
         "--group-by",
         type=_group_by,
@@ -136,17 +129,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _base_url(text: str) -> str:
-    parts = urlsplit(text)
-    try:
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
-    except ValueError:  # a port out of range
-        valid = False
-    if not valid:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
-    return text.rstrip("/")
-
-
 def _group_by(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",")) if text.strip() else ()
     if any(name not in DIMENSIONS for name in names) or len(set(names)) != len(names):
@@ -156,57 +138,6 @@ def _group_by(text: str) -> tuple[str, ...]:
     return names
 
 
-def epoch_ms(text: str, now_ms: int) -> int:
-    """ms since the epoch of `text`: ISO 8601 (UTC unless it has an offset), or `90m`, `24h`,
-    `7d`, `2w`: that long before `now_ms`. Raises ValueError with a message for the user."""
-    ago = _AGO.fullmatch(text.strip())
-    try:
-        if ago:
-            value = now_ms - int(ago[1]) * _UNITS[ago[2]]
-        else:
-            moment = datetime.fromisoformat(text.strip())
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
-            value = int(moment.timestamp() * 1000)
-    except (ValueError, OverflowError):
-        raise ValueError(
-            f"{text!r} is neither ISO 8601 (2026-03-10T14:00Z) nor a time ago (90m, 24h, 7d, 2w)"
-        ) from None
-    if value < 0:
-        raise ValueError(f"{text!r} is before 1970")
-    return value
-
-
-def fetch(base_url: str, params: dict[str, str], token: str | None) -> httpx.Response:
-    """GET the report: its 200 response, or UsageError saying why not in one line."""
-    headers = {} if token is None else {"authorization": f"Bearer {token}"}
-    shown = _shown_url(base_url)
-    try:
-        with httpx.Client(timeout=TIMEOUT_S) as client:
-            response = client.get(base_url + ROUTE, params=params, headers=headers)
-    except httpx.ConnectError as exc:
-        raise UsageError(
-            f"cannot connect to {shown} ({exc}): is the gateway running? (--url or ${URL_ENV})"
-        ) from None
-    except httpx.TimeoutException:
-        raise UsageError(f"no answer from {shown} within {TIMEOUT_S:g} s") from None
-    except httpx.HTTPError as exc:
-        raise UsageError(f"request to {shown} failed: {exc}") from None
-    if response.status_code != 200:
-        raise UsageError(f"{response.status_code} {_api_message(response)}")
-    return response
-
-
-def _api_message(response: httpx.Response) -> str:
-    """The API's error message, or the reason phrase when the body is not the API's error
-    (a proxy's page, say)."""
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = None
-    return message if isinstance(message, str) and message else response.reason_phrase
-
-
 def rows(response: httpx.Response, bucketed: bool) -> list[dict[str, Any]]:
     """The report's rows, checked to have the figures (and bucket) this module reads."""
     try:
@@ -214,7 +145,7 @@ def rows(response: httpx.Response, bucketed: bool) -> list[dict[str, Any]]:
     except (ValueError, KeyError, TypeError):
         data = None
     if not isinstance(data, list) or not all(_well_formed(row, bucketed) for row in data):
-        raise UsageError(f"unexpected answer from {ROUTE}: not a usage report")
+        raise CliError(f"unexpected answer from {ROUTE}: not a usage report")
     return data
 
 
@@ -232,13 +163,6 @@ def _is_time(text: Any) -> bool:
         return isinstance(text, str) and datetime.fromisoformat(text).tzinfo is not None
     except ValueError:
         return False
-
-
-def usd(micros: int) -> str:
-    """micro-USD as exact dollars: 19000 -> '0.019000'."""
-    sign = "-" if micros < 0 else ""
-    whole, fraction = divmod(abs(micros), 1_000_000)
-    return f"{sign}{whole}.{fraction:06d}"
 
 
 def group_label(row: dict[str, Any], group_by: Sequence[str]) -> str:
@@ -349,7 +273,7 @@ def draw(
     try:
         figure.savefig(path, format="png")
     except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _bucket_ms(bucket: str) -> int:
@@ -362,24 +286,3 @@ def _utc(ms: int) -> datetime:
 
 def _shown_time(ms: int) -> str:
     return _utc(ms).strftime("%Y-%m-%d %H:%M")
-
-
-def _shown_url(url: str) -> str:
-    """scheme://host:port only: credentials in a URL are not echoed."""
-    parts = urlsplit(url)
-    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}"
-
-
-def _scrubbed(text: str, token: str | None) -> str:
-    """One line of at most MAX_MESSAGE_CHARS, the admin token never among them."""
-    if token:
-        text = text.replace(token, "***")
-    line = "".join(c if c.isprintable() else " " for c in text)
-    return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 3] + "..."
-
-
-def _fail(message: str) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
-    return 1

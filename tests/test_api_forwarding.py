@@ -64,6 +64,8 @@ async def test_chat_is_forwarded_with_the_upstream_key_and_recorded(tmp_path) ->
         "status": 200,
         "stream": False,
         "endpoint": "chat",
+        "seq": 1,  # the first link of the file's hash chain
+        "chain": record["chain"],
     }
 
 

@@ -115,8 +115,8 @@ colour = "blue"
     ("text", "expected"),
     [
         (
-            "[providers.x]\nkind = 'anthropic'\nmodels = ['a']",
-            "bad.toml: providers.x.kind: unknown provider kind 'anthropic'",
+            "[providers.x]\nkind = 'bedrock'\nmodels = ['a']",
+            "bad.toml: providers.x.kind: unknown provider kind 'bedrock' (use one of: openai, anthropic, mock)",
         ),
         (
             "[providers.x]\nmodels = 'a'",

@@ -40,7 +40,7 @@ def test_plan_picks_by_weight_then_falls_back_by_descending_weight() -> None:
     rng = random.Random(7)
     firsts = Counter()
     for _ in range(6000):
-        plan = [p.name for p in router.plan("m", rng)]
+        plan = [p.name for p in router.plan("m", ("openai", "mock"), rng)]
         firsts[plan[0]] += 1
         rest = [name for name in ["heavy", "mid", "light"] if name != plan[0]]
         assert plan[1:] == rest
@@ -50,7 +50,7 @@ def test_plan_picks_by_weight_then_falls_back_by_descending_weight() -> None:
 
 
 def test_single_provider_plan() -> None:
-    assert [p.name for p in Router(CONFIG).plan("only-heavy")] == ["heavy"]
+    assert [p.name for p in Router(CONFIG).plan("only-heavy", ("openai", "mock"))] == ["heavy"]
 
 
 def test_backoff_is_full_jitter_exponential() -> None:

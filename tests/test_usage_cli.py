@@ -17,7 +17,7 @@ import httpx
 import matplotlib.image
 import pytest
 
-from crabtrio import usage_cli
+from crabtrio import cli, usage_cli
 
 from .e2e.processes import ROOT, Gateway, wait_until
 
@@ -87,13 +87,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 
 def run(
-    *args: str, token: str | None = ADMIN_TOKEN, **env: str
+    *args: str, token: str | None = ADMIN_TOKEN, command: str = "usage", **env: str
 ) -> subprocess.CompletedProcess[str]:
+    """`python -m crabtrio <command> args` (default `usage`), without the caller's CRABTRIO_*."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("CRABTRIO_")}
     if token is not None:
         environment["CRABTRIO_ADMIN_TOKEN"] = token
     return subprocess.run(
-        [sys.executable, "-m", "crabtrio", "usage", *args],
+        [sys.executable, "-m", "crabtrio", command, *args],
         cwd=ROOT,
         env={**environment, **env},
         capture_output=True,
@@ -269,13 +270,13 @@ def test_bad_arguments_exit_2(args: list[str], capsys: pytest.CaptureFixture[str
     ],
 )
 def test_times_are_iso_or_a_time_ago(text: str, expected: int) -> None:
-    assert usage_cli.epoch_ms(text, NOW) == expected
+    assert cli.epoch_ms(text, NOW) == expected
 
 
 @pytest.mark.parametrize("text", ["", "yesterday", "-5h", "5y", "1e3", "1969-12-31T23:59Z"])
 def test_other_times_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
-        usage_cli.epoch_ms(text, NOW)
+        cli.epoch_ms(text, NOW)
 
 
 def test_chart_series_keep_the_biggest_spenders_and_sum_the_rest() -> None:
@@ -301,6 +302,6 @@ def test_chart_series_keep_the_biggest_spenders_and_sum_the_rest() -> None:
 
 
 def test_usd_is_exact() -> None:
-    assert usage_cli.usd(19_000) == "0.019000"
-    assert usage_cli.usd(12_345_678_901) == "12345.678901"
-    assert usage_cli.usd(0) == "0.000000"
+    assert cli.usd(19_000) == "0.019000"
+    assert cli.usd(12_345_678_901) == "12345.678901"
+    assert cli.usd(0) == "0.000000"

@@ -157,7 +157,7 @@ class AuditIndex:
         )
 
     def rollup_sources(self) -> Iterable[Rollups]:
-        """Every file's rollups (see `rollups.select`)."""
+        """Every file's rollups (see `sums.summed`)."""
         return (segment.rollups for segment in self.segments.values())
 
     def _runs(self) -> Iterable[Run]:

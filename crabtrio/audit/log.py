@@ -16,10 +16,12 @@ import trio
 
 from ..config import AuditConfig, KeyConfig
 from ..errors import InvalidRequest, Unavailable
+from .chain import Link
 from .columns import Cursor
 from .reader import AuditReader
 from .record import AuditRecord, decode_fields
-from .rollups import DIMENSIONS, HOUR_MS, select
+from .rollups import DIMENSIONS, HOUR_MS
+from .sums import Sums, summed
 from .writer import AuditLogger, AuditStatistics
 
 if TYPE_CHECKING:  # the fleet modules import asyncpg: only when [audit.postgres] is set
@@ -114,7 +116,7 @@ class AuditLog:
             lines = reader.read_lines(page.locations)
         return lines, page.next_cursor
 
-    async def rollups(
+    async def summed(
         self,
         *,
         since: int | None = None,
@@ -122,10 +124,11 @@ class AuditLog:
         filters: dict[str, Any] | None = None,
         group_by: Sequence[str] = DIMENSIONS,
         interval: int | None = HOUR_MS,
-    ) -> dict[tuple[Any, ...], list[int]]:
-        """Summed rollup cells (see `rollups.select`), this process's records included."""
+    ) -> Sums:
+        """Summed rollup cells as arrays, errors counted (see `sums.summed`), this process's
+        records included."""
         reader = await self._current()
-        return select(
+        return summed(
             reader.index.rollup_sources(),
             since=since,
             until=until,
@@ -162,6 +165,16 @@ class AuditLog:
             if page.next_cursor is None:
                 return found
             before = page.next_cursor
+
+    async def head(self) -> Link:
+        """Where the hash chain stands (the file's last link)."""
+        return await self._writer.chain_head()
+
+    async def chain(self) -> tuple[Link, int]:
+        """The hash chain's head (after this process's accepted records are written) and the
+        count of every retained record."""
+        reader = await self._current()
+        return await self._writer.chain_head(), len(reader.index)
 
     def shipping(self) -> dict[str, Any] | None:
         """The /health `shipping` block, or None when shipping is off."""

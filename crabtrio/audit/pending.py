@@ -20,7 +20,9 @@ class Recorder(Protocol):
 # context windows are ~10**7 tokens, so 10**9 leaves 100x headroom while any cost computed
 # from it stays far inside 64 bits (10**9 tokens x $10**6 per million = 10**15 micro-USD).
 MAX_TOKENS = 10**9
-_USAGE_FIELDS = ("prompt_tokens", "completion_tokens")
+# (field of the upstream's usage object, count of the record) for OpenAI's chat and
+# embeddings; the other APIs name theirs differently (see `apis`).
+_OPENAI_USAGE = (("prompt_tokens", "prompt_tokens"), ("completion_tokens", "completion_tokens"))
 
 
 class PendingRecord:
@@ -33,6 +35,8 @@ class PendingRecord:
         "_logger",
         "_pricing",
         "_usage_problems",
+        "cache_creation_tokens",
+        "cache_read_tokens",
         "completion_tokens",
         "done",
         "endpoint",
@@ -67,6 +71,9 @@ class PendingRecord:
         self.stream = False
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        # Anthropic's prompt caching: input tokens read from and written to the cache.
+        self.cache_read_tokens: int | None = None
+        self.cache_creation_tokens: int | None = None
         # Why a token count from upstream was not taken, by field; noted in the record.
         self._usage_problems: dict[str, str] = {}
         self.done = False
@@ -74,8 +81,9 @@ class PendingRecord:
     def set_provider(self, name: str) -> None:
         self.provider = name
 
-    def set_usage(self, usage: Any) -> None:
-        """Take token counts from an OpenAI `usage` object (a later one replaces an earlier one).
+    def set_usage(self, usage: Any, fields: tuple[tuple[str, str], ...] = _OPENAI_USAGE) -> None:
+        """Take token counts from an upstream's `usage` object, its `fields` named as
+        (upstream field, record field); a later count replaces an earlier one.
 
         A count that is not an int in 0..MAX_TOKENS is unknown (None), and the record's
         `error` says which one was invalid; an absent or null count changes nothing.
@@ -86,8 +94,8 @@ class PendingRecord:
             self._usage_problems["usage"] = "not an object"
             return
         self._usage_problems.pop("usage", None)
-        for name in _USAGE_FIELDS:
-            value = usage.get(name)
+        for source, name in fields:
+            value = usage.get(source)
             if value is None:
                 continue
             if type(value) is not int:
@@ -128,12 +136,17 @@ class PendingRecord:
         latency_ms = int((time.perf_counter() - self.started) * 1000)
         pricing = self._pricing.get(self.model)
         cost = 0
-        if pricing is not None and (self.prompt_tokens or self.completion_tokens):
+        counted = self.prompt_tokens or self.completion_tokens
+        if pricing is not None and (
+            counted or self.cache_read_tokens or self.cache_creation_tokens
+        ):
             cost = cost_micros(
                 self.prompt_tokens,
                 self.completion_tokens,
                 pricing.prompt_cost_per_million,
                 pricing.completion_cost_per_million,
+                (self.cache_read_tokens, pricing.cache_read_cost_per_million),
+                (self.cache_creation_tokens, pricing.cache_creation_cost_per_million),
             )
         if self.meter is not None:
             self.meter(self.key_name, (self.prompt_tokens or 0) + (self.completion_tokens or 0))
@@ -152,5 +165,7 @@ class PendingRecord:
                 prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens,
                 error=self._error(error),
+                cache_read_tokens=self.cache_read_tokens,
+                cache_creation_tokens=self.cache_creation_tokens,
             )
         )

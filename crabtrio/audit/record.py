@@ -42,6 +42,9 @@ class AuditRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    # Anthropic's prompt caching (Messages API only): input tokens not in prompt_tokens.
+    cache_read_tokens: int | None = None
+    cache_creation_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -55,6 +58,10 @@ class AuditRecord:
             out["prompt_tokens"] = self.prompt_tokens
         if self.completion_tokens is not None:
             out["completion_tokens"] = self.completion_tokens
+        if self.cache_read_tokens is not None:
+            out["cache_read_tokens"] = self.cache_read_tokens
+        if self.cache_creation_tokens is not None:
+            out["cache_creation_tokens"] = self.cache_creation_tokens
         out["cost_micros"] = self.cost_micros
         out["latency_ms"] = self.latency_ms
         out["status"] = self.status
@@ -99,6 +106,8 @@ _INT_FIELDS = (
     "status",
     "prompt_tokens",
     "completion_tokens",
+    "cache_read_tokens",
+    "cache_creation_tokens",
 )
 # Integers `decode_fields` needs, and what stands in for one that cannot be encoded.
 _REQUIRED_INTS = {"cost_micros": 0, "latency_ms": 0, "status": 500}
@@ -220,8 +229,10 @@ def cost_micros(
     completion_tokens: int | None,
     prompt_per_million: float,
     completion_per_million: float,
+    *cached: tuple[int | None, float],
 ) -> int:
-    """Cost in micro-USD, rounded: (tokens x USD per million tokens) needs no further scaling.
+    """Cost in micro-USD, rounded once: (tokens x USD per million tokens) needs no further
+    scaling; `cached` adds (tokens, price) pairs (Anthropic's prompt-cache reads and writes).
 
     Never negative, never above MAX_COST_MICROS, whatever the prices: a cost too large to
     hold (an infinite price, or a float overflow) saturates at MAX_COST_MICROS so it stays
@@ -232,6 +243,8 @@ def cost_micros(
         total = (prompt_tokens or 0) * prompt_per_million + (
             completion_tokens or 0
         ) * completion_per_million
+        for tokens, price in cached:
+            total += (tokens or 0) * price
     except OverflowError:  # an integer too large to convert to float
         return MAX_COST_MICROS
     if not total > 0:  # also NaN

@@ -7,7 +7,9 @@ os.write on an O_APPEND descriptor while holding an exclusive flock on `<path>.l
 - a failed (short) write is cut back to where it started, so no fragment stays behind;
 - rotation (rename, then create) and retention happen under the same lock, and a writer that
   sees the path now names another inode reopens it before writing, so nothing lands in a
-  rotated file and two processes never rotate at once.
+  rotated file and two processes never rotate at once;
+- each batch is linked into the hash chain (see `chain`) after the last record in the file,
+  whoever wrote it, and retention notes each deleted segment's last link first.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .rotation import expired, rotated_name, sidecar_path
+from .chain import Chain, Link, last_link, note_deleted, retained_link, segment_link
+from .rotation import expired, rotated_name, rotated_siblings, sidecar_path
 
 log = logging.getLogger("crabtrio.audit")
 
@@ -65,11 +68,16 @@ def last_newline_end(fd: int, size: int) -> int:
 class AuditFile:
     """An append-only audit file that many processes may share. Methods block: use a thread."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, chain: Chain | None = None) -> None:
         self.path = os.path.abspath(path)
         self.lock_path = self.path + ".lock"
         self._fd = -1
         self._ino = -1
+        self._chain = chain
+        # The chain's head after this process's last append, and where that left the file:
+        # while nobody else appended, it need not be read back.
+        self._head = Link()
+        self._head_at = (-1, -1)
         self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             with self.locked():
@@ -137,6 +145,9 @@ class AuditFile:
         with self.locked():
             reopened = self.reopen_if_replaced()
             start = self.cut_torn_tail()
+            if self._chain is not None:
+                data, self._head = self._chain.link(data, self._last_link(start))
+                self._head_at = (self._ino, start + len(data))
             try:
                 write_all(self._fd, data)
             except OSError:  # (a no-op if nothing was written)
@@ -145,8 +156,28 @@ class AuditFile:
                 raise
             size = start + len(data)
             if rotate_at is not None and size >= rotate_at:
-                return AppendResult(0, reopened, self._rotate())
+                rotated = self._rotate()
+                self._head_at = (self._ino, 0)  # the new file continues the chain
+                return AppendResult(0, reopened, rotated)
             return AppendResult(size, reopened)
+
+    def head(self) -> Link:
+        """Where the chain stands now: the last link in the file (or before it)."""
+        with self.locked():
+            self.reopen_if_replaced()
+            return self._last_link(self.cut_torn_tail())
+
+    def _last_link(self, size: int) -> Link:
+        """Call with the lock held: the link a batch appended at `size` follows."""
+        if self._head_at == (self._ino, size):
+            return self._head
+        if size:
+            return last_link(self._fd, size) or Link()  # (an unchained file: a new chain)
+        for segment in reversed(rotated_siblings(self.path)):  # a new file continues the last
+            found = segment_link(segment)
+            if found is not None:
+                return found
+        return retained_link(self.path)
 
     def _rotate(self) -> str:
         """Call with the lock held: rename the file to a timestamped sibling, start a new one.
@@ -187,6 +218,8 @@ class AuditFile:
                     )
                 doomed = [f for f in doomed if f not in kept]
             for path in doomed:
+                if self._chain is not None:
+                    note_deleted(self.path, path)
                 for gone in (path, sidecar_path(path)):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(gone)

@@ -14,6 +14,7 @@ import trio
 
 from ..config import AuditConfig
 from ..errors import Unavailable
+from .chain import Chain, Link
 from .record import AuditRecord, encode_batch
 from .store import AuditFile
 
@@ -108,7 +109,8 @@ class AuditLogger:
         if not config.enabled:
             yield cls(config, None)
             return
-        file = await trio.to_thread.run_sync(AuditFile, config.path)
+        chain = Chain(config.chain_key)
+        file = await trio.to_thread.run_sync(AuditFile, config.path, chain)
         logger = cls(config, file)
         try:
             async with trio.open_nursery() as nursery:
@@ -173,6 +175,11 @@ class AuditLogger:
             while self._written < target and not self._finished:
                 self._flush_now.set()
                 await self._progress.wait()
+
+    async def chain_head(self) -> Link:
+        """Where the file's hash chain stands now (read under the file's lock)."""
+        assert self._file is not None
+        return await trio.to_thread.run_sync(self._file.head)
 
     def statistics(self) -> AuditStatistics:
         stats = self._stats
@@ -302,11 +309,14 @@ class AuditLogger:
             self._last_fsync = time.monotonic()
         if result.rotated_to is not None or self._prune_due():
             self._next_prune = time.monotonic() + PRUNE_SECONDS
-            self._file.prune(
-                retention_days=self.config.retention_days,
-                max_total_bytes=self._max_total,
-                shipped_only=self._shipped_only,
-            )
+            try:
+                self._file.prune(
+                    retention_days=self.config.retention_days,
+                    max_total_bytes=self._max_total,
+                    shipped_only=self._shipped_only,
+                )
+            except OSError as exc:  # the batch is written: retention waits for the next time
+                log.error("audit: retention failed (%s); it is retried later", exc)
         return outcome
 
     def _degraded(self, reason: str) -> None:

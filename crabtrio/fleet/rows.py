@@ -1,4 +1,5 @@
-"""Audit lines as the rows the fleet table holds (see sql/001_initial.sql)."""
+"""Audit lines as the rows the fleet table holds (see sql/001_initial.sql and the
+migrations after it)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,14 @@ COLUMNS = (
     "stream",
     "endpoint",
     "error",
+    "cache_read_tokens",
+    "cache_creation_tokens",
+    "seq",
+    "chain",
     "extra",
     "instance",
 )
-RECORD_FIELDS = COLUMNS[:13]
+RECORD_FIELDS = COLUMNS[:-2]
 _INT64 = msgspec.Meta(ge=-(2**63), le=2**63 - 1)
 # What `extra` holds for unknown fields whose values cannot be stored: their names.
 UNSTORABLE = "crabtrio_unstorable_fields"
@@ -50,6 +55,10 @@ class ShippedFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stream: bool | None = None
     endpoint: str | None = None
     error: str | None = None
+    cache_read_tokens: Annotated[int, _INT64] | None = None
+    cache_creation_tokens: Annotated[int, _INT64] | None = None
+    seq: Annotated[int, _INT64] | None = None
+    chain: str | None = None
 
 
 _DECODER = msgspec.json.Decoder(ShippedFields)
@@ -130,4 +139,5 @@ def record(row: Any) -> dict[str, Any]:
 
 
 # Fields every record has; the others appear only when set (as `AuditRecord.to_dict`).
-_ALWAYS = frozenset(RECORD_FIELDS) - {"prompt_tokens", "completion_tokens", "error"}
+_OPTIONAL = ("prompt_tokens", "completion_tokens", "error", "cache_read_tokens")
+_ALWAYS = frozenset(RECORD_FIELDS) - {*_OPTIONAL, "cache_creation_tokens", "seq", "chain"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ssl
 import urllib.request
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -164,13 +164,22 @@ class UpstreamClient:
                 (b"accept-encoding", b"identity"),
                 (b"user-agent", b"crabtrio"),
             ]
-            if provider.api_key:
+            if provider.api_key and provider.kind == "anthropic":
+                headers.append((b"x-api-key", provider.api_key.encode()))
+            elif provider.api_key:
                 headers.append((b"authorization", b"Bearer " + provider.api_key.encode()))
             found = self._headers[(provider.name, path)] = (url, httpx.Headers(headers))
         return found
 
-    async def post(self, provider: ProviderConfig, path: str, body: bytes) -> UpstreamResponse:
-        """POST `body`; return once the status and headers are in (the body still streams).
+    async def post(
+        self,
+        provider: ProviderConfig,
+        path: str,
+        body: bytes,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> UpstreamResponse:
+        """POST `body` (with `extra` headers); return once the status and headers are in
+        (the body still streams).
 
         `provider.timeout` bounds (in the transport) the wait for the head, then each read.
         """
@@ -179,6 +188,8 @@ class UpstreamClient:
         # httpx's encoding and header merging cost 15 µs a request.
         request = httpx.Request("POST", url, headers=headers, stream=httpx.ByteStream(body))
         request.headers["content-length"] = str(len(body))
+        for name, value in extra:
+            request.headers[name] = value
         request.read()
         try:
             response = await self._clients[provider.name].send(request, stream=True)

@@ -20,10 +20,8 @@ from crabtrio.audit.rollups import (
     PROMPT,
     REQUESTS,
     WIDTH,
-    grouped,
-    select,
-    summed,
 )
+from crabtrio.audit.sums import grouped, select, summed
 
 Row = tuple[int, bytes, int, int, IndexedFields]  # (ts, rid key, offset, source, fields)
 

@@ -30,10 +30,10 @@ async def test_what_was_recorded_is_queryable_and_counted_at_once(tmp_path) -> N
             assert cursor is None
             lines, cursor = await audit.query(limit=1)
             assert len(lines) == 1 and cursor is not None
-            totals = await audit.rollups(group_by=("key",), interval=None)
-        assert {group: cell[0] for group, cell in totals.items()} == {
-            (None, "k0"): 2,
-            (None, "k1"): 1,
+            totals = await audit.summed(group_by=("key",), interval=None)
+        assert dict(zip(totals.column("key"), totals.values[0].tolist(), strict=True)) == {
+            "k0": 2,
+            "k1": 1,
         }
         assert audit.statistics().indexed_records == 3
 

@@ -10,8 +10,8 @@ import trio
 from crabtrio.audit import reader as reader_module
 from crabtrio.audit.reader import AuditReader
 from crabtrio.audit.record import decode_fields
-from crabtrio.audit.rollups import select
 from crabtrio.audit.rotation import rotated_name
+from crabtrio.audit.sums import select
 
 from .records import lines, record
 

@@ -21,9 +21,10 @@ from crabtrio.audit import sidecar
 from crabtrio.audit.index import Segment
 from crabtrio.audit.reader import AuditReader
 from crabtrio.audit.record import AuditRecord
-from crabtrio.audit.rollups import LATENCY_BOUNDS_MS, latency_bucket, select
+from crabtrio.audit.rollups import LATENCY_BOUNDS_MS, latency_bucket
 from crabtrio.audit.rotation import rotated_name, sidecar_path
 from crabtrio.audit.store import AuditFile
+from crabtrio.audit.sums import select
 
 from .records import record
 

@@ -220,10 +220,10 @@ def test_default_config_serves_out_of_the_box(tmp_path, start_gateway) -> None:
 
 
 def test_bad_config_stops_startup_with_one_line(tmp_path, start_gateway) -> None:
-    gateway = start_gateway("[providers.x]\nkind = 'anthropic'\nmodels = ['a']\n", wait=False)
+    gateway = start_gateway("[providers.x]\nkind = 'bedrock'\nmodels = ['a']\n", wait=False)
     gateway.wait(20)
     assert "config error" in gateway.output
-    assert "providers.x.kind: unknown provider kind 'anthropic'" in gateway.output
+    assert "providers.x.kind: unknown provider kind 'bedrock'" in gateway.output
     assert "Traceback" not in gateway.output
     assert "Running on" not in gateway.output
 

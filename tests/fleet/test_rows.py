@@ -69,6 +69,7 @@ def test_ordinary_lines_take_the_typed_path(monkeypatch: pytest.MonkeyPatch) -> 
             False,
             "chat",
             None,
+            *(None, None, None, None),  # cache tokens, seq and chain: absent here
             None,  # extra
             INSTANCE,
         )
