@@ -1,5 +1,6 @@
-"""What the command-line clients (`usage`, `logs`) share: times given as ISO 8601 or a time
-ago, the admin API over HTTP with its token, and failures as one line on stderr."""
+"""What the command-line clients (`usage`, `logs`; `verify` its failures) share: times given as
+ISO 8601 or a time ago, the admin API over HTTP with its token, and failures as one line on
+stderr."""
 
 from __future__ import annotations
 

@@ -2,35 +2,29 @@
 and its retained rotated segments or from a running gateway's admin API; as a table, the lines
 as stored, CSV or NDJSON; and followed as they are written, through rotations.
 
-Files are read with the gateway's own parsing (`decode_fields`: a line that is not a record is
-skipped, as the index skips it) and rotation rules (`rotated_siblings`; a renamed file is
-known by its inode and read to its end before the new one). Failures are one line on stderr:
-exit 2 for bad arguments, 1 for an unreadable file, an unreachable gateway or an API error.
+Files are read as the gateway reads them (see audit/segments), with its own parsing
+(`decode_fields`: a line that is not a record is skipped, as the index skips it); printed as
+logs_output prints. Failures are one line on stderr: exit 2 for bad arguments, 1 for an
+unreadable file, an unreachable gateway or an API error.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import dataclasses
-import io
 import os
-import stat
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import IO, Any, cast
+from typing import IO
 
 import msgspec
-import orjson
 
 from . import cli
-from .audit.record import AuditRecord, IndexedFields, decode_fields
-from .audit.rotation import rotated_name_pattern, rotated_siblings
+from .audit.record import IndexedFields, decode_fields
+from .audit.segments import Retained, SegmentError
+from .logs_output import Printer, Spool, write_lines
 
 PROG = "crabtrio logs"
 ROUTE = "/v1/admin/logs"
@@ -42,28 +36,9 @@ API_POLL_S = 0.5
 # With --url, each poll asks again for this much before the newest record seen: a record a
 # worker indexes late (its follower polls every 0.2 s) is still found, and shown once.
 LOOKBACK_MS = 5_000
-# A segment rotated this long before --since holds nothing as recent (its records were all
-# timestamped before it was renamed); the slack covers small clock steps.
-ROTATION_SLACK_MS = 60_000
-BLOCK = 1 << 20
-MAX_CELL = 40  # table cells of key, model, provider and endpoint beyond this are clipped
-_COLUMNS = "time key model provider status tokens cost_usd latency_ms endpoint stream error"
-_RIGHT = frozenset({"status", "tokens", "cost_usd", "latency_ms"})
-# Followed tables are laid out before most of their rows exist: at least these widths.
-_FOLLOW_WIDTHS = {"key": 12, "model": 16, "provider": 10, "endpoint": 12}
 _RAW_RECORDS = msgspec.json.Decoder(list[msgspec.Raw])
 _NOT_RECORDS = f"unexpected answer from {ROUTE}: not a list of audit records"
 Found = tuple[bytes, IndexedFields]  # a record's line and the fields the filters read
-
-
-def _known_fields() -> tuple[str, ...]:
-    """Every field of a record, in the order the writer puts them: a record with all its
-    optional fields set (`to_dict` leaves out only those that are None)."""
-    names = [field.name for field in dataclasses.fields(AuditRecord)]
-    return tuple(AuditRecord(**cast(dict[str, Any], dict.fromkeys(names, 0))).to_dict())
-
-
-CSV_FIELDS = _known_fields()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with cli.AdminClient(url, token) as client:
                 _from_api(client, params, selection.since, form, limit, args.follow, out)
         out.flush()
-    except cli.CliError as exc:
+    except (cli.CliError, SegmentError) as exc:
         return cli.fail(PROG, str(exc), token)
     except KeyboardInterrupt:
         return 0 if args.follow else 130
@@ -217,229 +192,25 @@ def _from_files(
     path: str, selection: Selection, form: str, limit: int | None, follow: bool, out: IO[bytes]
 ) -> None:
     with contextlib.ExitStack() as owned:
-        files = _Files(path, selection.since)
-        owned.callback(files.active.close)
+        files = Retained(path, selection.since)
+        owned.callback(files.close)
         found: Iterable[bytes]
         if limit is not None:
-            found = files.last(selection, limit)
+            found = files.last(selection.matches, limit)
         elif form == "ndjson":  # every match, straight from the files
-            _write_lines(out, (line for line in files.oldest_first() if selection.matches(line)))
+            write_lines(out, (line for line in files.oldest_first() if selection.matches(line)))
             return
         else:  # CSV: its header needs every match's fields first
-            found = spool = _Spool(reverse=False)
+            found = spool = Spool(reverse=False)
             owned.callback(spool.close)
             spool.extend(line for line in files.oldest_first() if selection.matches(line))
-        printer = _Printer(form, out, follow=follow)
+        printer = Printer(form, out, follow=follow)
         printer.write(found)
         if not follow:
             return
         while True:
             printer.write([line for line in files.active.read() if selection.matches(line)])
             time.sleep(POLL_S)
-
-
-class _Files:
-    """The audit file and its retained rotated segments, as they were when opened. The
-    active file is opened first: if it is rotated meanwhile, the renamed file is known by its
-    inode and read once, as the active file."""
-
-    def __init__(self, path: str, since: int | None) -> None:
-        self.active = _Tail(path)
-        rotated = rotated_siblings(path)
-        if self.active.fd is None and not rotated:
-            raise cli.CliError(f"cannot read {path}: no such file")
-        pattern = rotated_name_pattern(path)
-        self.rotated = []  # oldest first
-        for segment in rotated:
-            match = pattern.match(os.path.basename(segment))
-            if since is not None and match and _stamp_ms(match[1]) < since - ROTATION_SLACK_MS:
-                continue
-            with contextlib.suppress(FileNotFoundError):  # deleted by retention meanwhile
-                if _identity(os.stat(segment)) != self.active.identity:
-                    self.rotated.append(segment)
-
-    def oldest_first(self) -> Iterator[bytes]:
-        """Every line, the oldest segment's first."""
-        for segment in self.rotated:
-            yield from _segment_lines(segment, backward=False)
-        active = self.active
-        if active.fd is not None:
-            yield from _forward(active.fd, 0, active.offset, active.path)
-
-    def newest_first(self) -> Iterator[bytes]:
-        """Every line, the last one first."""
-        active = self.active
-        if active.fd is not None:
-            yield from _backward(active.fd, active.offset, active.path)
-        for segment in reversed(self.rotated):
-            yield from _segment_lines(segment, backward=True)
-
-    def last(self, selection: Selection, count: int) -> list[bytes]:
-        """The last `count` matching lines, oldest first, read from the end (as tail does)."""
-        found: list[bytes] = []
-        if count:
-            for line in self.newest_first():
-                if selection.matches(line):
-                    found.append(line)
-                    if len(found) == count:
-                        break
-        return found[::-1]
-
-
-class _Tail:
-    """The active file, from its last complete line when opened, followed as the gateway's
-    reader follows it: by inode, so a rotated file is read to its end before the new one is
-    read from its start; never a line twice."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.fd = _open(path)
-        self.identity = None if self.fd is None else _identity(os.fstat(self.fd))
-        with _reading(path):
-            self.offset = (
-                0 if self.fd is None else _complete_end(self.fd, _file_size(self.fd, path))
-            )
-
-    def read(self) -> list[bytes]:
-        """The complete lines written since the last call."""
-        lines = self._read()
-        with _reading(self.path):
-            try:
-                info = os.stat(self.path)
-            except FileNotFoundError:  # deleted, or between a rename and the new file
-                return lines
-        if self.fd is not None and _identity(info) == self.identity:
-            return lines
-        lines += self._read()  # the path names another file now: finish this one first
-        finished = self.identity
-        self.close()
-        self.fd, self.offset = _open(self.path), 0  # None: rotated again already; next call
-        self.identity = None if self.fd is None else _identity(os.fstat(self.fd))
-        return lines + self._rotated_since(finished) + self._read()
-
-    def _rotated_since(self, finished: tuple[int, int] | None) -> list[bytes]:
-        """The lines of segments rotated after `finished` and before the file now open: the
-        file was rotated more than once between two calls."""
-        found = []
-        for segment in rotated_siblings(self.path):  # oldest first
-            with contextlib.suppress(FileNotFoundError):
-                found.append((segment, _identity(os.stat(segment))))
-        identities = [identity for _, identity in found]
-        if finished is None or finished not in identities:
-            return []  # deleted, or moved elsewhere: nothing tells which came after it
-        return [
-            line
-            for segment, identity in found[identities.index(finished) + 1 :]
-            if identity != self.identity
-            for line in _segment_lines(segment, backward=False)
-        ]
-
-    def _read(self) -> list[bytes]:
-        if self.fd is None:
-            return []
-        with _reading(self.path):
-            size = os.fstat(self.fd).st_size
-            if size < self.offset:  # truncated from outside: read it again, as the gateway does
-                self.offset = 0
-            end = _complete_end(self.fd, size, self.offset)
-        lines = list(_forward(self.fd, self.offset, end, self.path))
-        self.offset = end
-        return lines
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-@contextlib.contextmanager
-def _reading(path: str) -> Iterator[None]:
-    """OSError as CliError: one line that names the file."""
-    try:
-        yield
-    except OSError as exc:
-        raise cli.CliError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _open(path: str) -> int | None:
-    """A descriptor to read `path`; None if there is no such file."""
-    with _reading(path):
-        try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-
-
-def _segment_lines(path: str, *, backward: bool) -> Iterator[bytes]:
-    """A rotated segment's lines, first or last first; none if retention deleted it."""
-    fd = _open(path)
-    if fd is None:
-        return
-    try:
-        with _reading(path):
-            end = _complete_end(fd, _file_size(fd, path))
-        yield from _backward(fd, end, path) if backward else _forward(fd, 0, end, path)
-    finally:
-        os.close(fd)
-
-
-def _file_size(fd: int, path: str) -> int:
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        raise cli.CliError(f"cannot read {path}: not a file")
-    return info.st_size
-
-
-def _identity(info: os.stat_result) -> tuple[int, int]:
-    return info.st_ino, info.st_dev
-
-
-def _stamp_ms(stamp: str) -> int:
-    """ms since the epoch of a rotated segment's stamp, e.g. 20261127T051201.123Z."""
-    moment = datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
-
-
-def _complete_end(fd: int, size: int, floor: int = 0) -> int:
-    """Where the last complete line before `size` ends; `floor` if none ends after it. What
-    follows is a line still being written (or a torn one): the gateway does not index it."""
-    position = size
-    while position > floor:
-        start = max(floor, position - BLOCK)
-        found = os.pread(fd, position - start, start).rfind(b"\n")
-        if found >= 0:
-            return start + found + 1
-        position = start
-    return floor
-
-
-def _forward(fd: int, start: int, end: int, path: str) -> Iterator[bytes]:
-    """The lines between two line boundaries, first to last."""
-    rest, position = b"", start
-    while position < end:
-        with _reading(path):
-            data = os.pread(fd, min(BLOCK, end - position), position)
-        if not data:  # shrunk from outside
-            return
-        position += len(data)
-        lines = (rest + data).split(b"\n")
-        rest = lines.pop()
-        yield from lines
-
-
-def _backward(fd: int, end: int, path: str) -> Iterator[bytes]:
-    """The lines before the line boundary `end`, last to first."""
-    rest, position = b"", end
-    while position > 0:
-        start = max(0, position - BLOCK)
-        with _reading(path):
-            data = os.pread(fd, position - start, start)
-        lines = (data + rest).split(b"\n")
-        rest = lines[0]  # continues in the block before, unless this one began the file
-        position = start
-        yield from reversed(lines[1:])
-    if rest:
-        yield rest
 
 
 # --- from the admin API -----------------------------------------------------------------------
@@ -454,11 +225,11 @@ def _from_api(
     follow: bool,
     out: IO[bytes],
 ) -> None:
-    printer = _Printer(form, out, follow=follow)
+    printer = Printer(form, out, follow=follow)
     if follow:
         _follow_api(client, params, since, printer, limit or 0)
     elif limit is None:  # every match, newest first from the API: spooled, then oldest first
-        spool = _Spool(reverse=True)
+        spool = Spool(reverse=True)
         try:
             for page in _pages(client, params, None):
                 spool.extend(line for line, _ in page)
@@ -474,7 +245,7 @@ def _follow_api(
     client: cli.AdminClient,
     params: dict[str, str],
     since: int | None,
-    printer: _Printer,
+    printer: Printer,
     count: int,
 ) -> None:
     """Print the last `count` matches, then poll for new ones. Each poll asks for everything
@@ -545,186 +316,3 @@ def _records(body: bytes) -> list[Found]:
             line = line.replace(b"\r", b" ").replace(b"\n", b" ")  # JSON strings hold none
         found.append((line, fields))
     return found
-
-
-# --- output -----------------------------------------------------------------------------------
-
-
-class _Spool:
-    """Lines kept in a temporary file (every match may not fit in memory) and read back in
-    pages: in order, or in reverse (the API's pages come newest first)."""
-
-    def __init__(self, *, reverse: bool) -> None:
-        self._file = tempfile.TemporaryFile()  # noqa: SIM115  (closed by `close`)
-        self._pages: list[tuple[int, int]] = []  # (offset, size)
-        self._reverse = reverse
-
-    def extend(self, lines: Iterable[bytes]) -> None:
-        page: list[bytes] = []
-        for line in lines:
-            page.append(line)
-            if len(page) == PAGE:
-                self._add(page)
-                page = []
-        if page:
-            self._add(page)
-
-    def _add(self, page: list[bytes]) -> None:
-        data = b"\n".join(page) + b"\n"
-        self._file.seek(0, io.SEEK_END)
-        self._pages.append((self._file.tell(), len(data)))
-        self._file.write(data)
-
-    def __iter__(self) -> Iterator[bytes]:
-        for offset, size in reversed(self._pages) if self._reverse else self._pages:
-            self._file.seek(offset)
-            lines = self._file.read(size).split(b"\n")[:-1]
-            yield from reversed(lines) if self._reverse else lines
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class _Printer:
-    """Writes records as a table, their lines (json, ndjson) or CSV. The first batch lays the
-    table out; a followed table keeps that layout (and its error column) for later rows."""
-
-    def __init__(self, form: str, out: IO[bytes], *, follow: bool) -> None:
-        self.form = form
-        self.out = out
-        self.follow = follow
-        self.widths: dict[str, int] | None = None
-
-    def write(self, lines: Iterable[bytes]) -> None:
-        """`lines` are iterated twice for CSV (its columns depend on every record)."""
-        if self.form == "csv":
-            _write_csv(self.out, lines)
-        elif self.form == "table":
-            self._table([_cells(line) for line in lines])
-        else:
-            _write_lines(self.out, lines)
-        self.out.flush()
-
-    def _table(self, rows: list[dict[str, str]]) -> None:
-        if self.widths is None:
-            if not rows and not self.follow:
-                self.out.write(b"no matching records\n")
-                return
-            shown = [
-                c
-                for c in _COLUMNS.split()
-                if c != "error" or self.follow or any(r[c] for r in rows)
-            ]
-            least = _FOLLOW_WIDTHS if self.follow else {}
-            self.widths = {
-                c: max(len(c), least.get(c, 0), *(len(row[c]) for row in rows)) for c in shown
-            }
-            rows = [dict(zip(shown, shown, strict=True)), *rows]
-        widths = self.widths
-        text = "".join(
-            "  ".join(
-                row[c].rjust(width) if c in _RIGHT else row[c].ljust(width)
-                for c, width in widths.items()
-            ).rstrip()
-            + "\n"
-            for row in rows
-        )
-        self.out.write(text.encode("utf-8", "replace"))
-
-
-def _fields(line: bytes) -> dict[str, Any]:
-    """A record's fields. Its line passed `decode_fields`, so the filter fields are there and
-    typed; a line that only those decode (a number beyond a float in an added field) has only
-    those."""
-    try:
-        record = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        record = None
-    if isinstance(record, dict):
-        return record
-    fields = decode_fields(line)
-    return {} if fields is None else msgspec.structs.asdict(fields)
-
-
-def _cells(line: bytes) -> dict[str, str]:
-    """A record's table row."""
-    record = _fields(line)
-    prompt, completion = record.get("prompt_tokens"), record.get("completion_tokens")
-    tokens = "-"
-    if prompt is not None or completion is not None:
-        tokens = f"{_count_cell(prompt)}/{_count_cell(completion)}"
-    stream = record.get("stream")
-    return {
-        "time": _shown_time(record["timestamp"]),
-        "key": _shown(record["key_name"]),
-        "model": _shown(record["model"]),
-        "provider": _shown(record["provider"]),
-        "status": str(record["status"]),
-        "tokens": tokens,
-        "cost_usd": cli.usd(record["cost_micros"]),
-        "latency_ms": str(record["latency_ms"]),
-        "endpoint": _shown(record.get("endpoint")),
-        "stream": "yes" if stream is True else "no" if stream is False else "-",
-        "error": _shown(record.get("error"), None) if record.get("error") else "",
-    }
-
-
-def _count_cell(value: Any) -> str:
-    return str(value) if type(value) is int else "-"
-
-
-def _shown_time(ms: int) -> str:
-    """UTC, ISO 8601 to the ms: 2026-03-10T13:40:00.123Z."""
-    try:
-        moment = datetime.fromtimestamp(ms // 1000, UTC)
-    except (OverflowError, ValueError, OSError):  # beyond year 9999
-        return str(ms)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
-
-
-def _shown(value: Any, most: int | None = MAX_CELL) -> str:
-    """Text from a record, safe for a terminal: control and bidi characters as '?'."""
-    if not isinstance(value, str) or not value:
-        return "-"
-    text = "".join(c if c.isprintable() else "?" for c in value)
-    return text if most is None or len(text) <= most else text[: most - 1] + "…"
-
-
-def _write_lines(out: IO[bytes], lines: Iterable[bytes]) -> None:
-    chunk: list[bytes] = []
-    for line in lines:
-        chunk.append(line)
-        if len(chunk) == PAGE:
-            out.write(b"\n".join(chunk) + b"\n")
-            chunk = []
-    if chunk:
-        out.write(b"\n".join(chunk) + b"\n")
-
-
-def _write_csv(out: IO[bytes], lines: Iterable[bytes]) -> None:
-    """A header row (every known field in the writer's order, then any other field found,
-    sorted), then a row per record: integers as digits, booleans as true/false, a missing
-    field empty, anything else as JSON."""
-    found = {name for line in lines for name in _fields(line)}
-    columns = [*CSV_FIELDS, *sorted(found.difference(CSV_FIELDS))]
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\r\n")
-    writer.writerow(columns)
-    for i, line in enumerate(lines):
-        record = _fields(line)
-        writer.writerow([_csv_value(record.get(name)) for name in columns])
-        if i % PAGE == PAGE - 1:
-            out.write(text.getvalue().encode())
-            text.seek(0)
-            text.truncate()
-    out.write(text.getvalue().encode())
-
-
-def _csv_value(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | str):
-        return str(value)
-    return msgspec.json.encode(value).decode()  # orjson refuses integers beyond 64 bits

@@ -12,9 +12,11 @@ import os
 import sys
 import time
 
+from . import cli
 from .audit.verify import verify
 from .config import ConfigError, load_config
 
+PROG = "crabtrio verify"
 KEY_ENV = "CRABTRIO_CHAIN_KEY"
 
 
@@ -33,20 +35,18 @@ def main(argv: list[str]) -> int:
         try:
             config = load_config(args.config)
         except ConfigError as exc:
-            print(f"crabtrio verify: config error: {exc}", file=sys.stderr)
+            cli.fail(PROG, f"config error: {exc}")
             return 2
         path = path or config.audit.path
         key = key or config.audit.chain_key
         old_keys = config.audit.chain_old_keys
     if not os.path.exists(path):
-        print(f"crabtrio verify: {path}: no such audit file", file=sys.stderr)
-        return 1
+        return cli.fail(PROG, f"{path}: no such audit file")
     started = time.perf_counter()
     try:
         report = verify(path, [key, *old_keys])
     except OSError as exc:
-        print(f"crabtrio verify: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return cli.fail(PROG, f"cannot read {path}: {exc.strerror or exc}")
     seconds = time.perf_counter() - started
     if report.broken is not None:
         print(f"break: {report.broken}")

@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
-from crabtrio import cli, logs_cli
+from crabtrio import cli, logs_cli, logs_output
+from crabtrio.audit import segments
 from crabtrio.audit.reader import AuditReader
 from crabtrio.audit.record import AuditRecord
 from crabtrio.audit.rotation import rotated_name
@@ -82,7 +83,7 @@ def run(capsysbinary: pytest.CaptureFixture[bytes], *args: str) -> tuple[int, by
 
 
 def iso(ms: int) -> str:
-    return logs_cli._shown_time(ms)
+    return logs_output._shown_time(ms)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +118,7 @@ def test_all_segments_are_read_oldest_first(
     assert ids == [f"req-{i:04d}" for i in range(60)]  # not the partial line, nor unrelated
 
 
-@pytest.mark.parametrize("block", [logs_cli.BLOCK, 64, 7])
+@pytest.mark.parametrize("block", [segments.BLOCK, 64, 7])
 @pytest.mark.parametrize("limit", [0, 1, 5, 25, 45, 1000])
 def test_limit_is_the_last_n_matches_read_from_the_end(
     audit: Path,
@@ -126,7 +127,7 @@ def test_limit_is_the_last_n_matches_read_from_the_end(
     block: int,
     limit: int,
 ) -> None:
-    monkeypatch.setattr(logs_cli, "BLOCK", block)  # lines cut across blocks every which way
+    monkeypatch.setattr(segments, "BLOCK", block)  # lines cut across blocks every which way
     code, out, _ = run(capsysbinary, str(audit), "--json", "--key", "team-b", "-n", str(limit))
     assert code == 0
     everything = api_answer(audit, filters={"key": "team-b"})[::-1]
@@ -245,7 +246,7 @@ def test_csv_has_the_known_fields_then_the_others_sorted(
     code, out, _ = run(capsysbinary, str(path), "--export", "csv")
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out.decode(), newline="")))
-    known = list(logs_cli.CSV_FIELDS)  # every field a record can have, in the writer's order
+    known = list(logs_output.CSV_FIELDS)  # every field a record can have, in the writer's order
     assert [name for name in known if name in extended] == list(make(2, error="x").to_dict())
     assert {"error", "cache_read_tokens"} <= set(known)
     assert list(rows[0]) == [*known, "attempt", "zone"]
@@ -285,6 +286,22 @@ def test_csv_of_many_records_is_every_match(
     assert [row["request_id"] for row in rows] == [
         orjson.loads(line)["request_id"] for line in reversed(expected)
     ]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_the_spool_gives_every_line_back_across_its_pages(
+    monkeypatch: pytest.MonkeyPatch, reverse: bool
+) -> None:
+    monkeypatch.setattr(logs_output, "CHUNK", 2)
+    lines = [make(i).to_line().rstrip(b"\n") for i in range(7)]
+    spool = logs_output.Spool(reverse=reverse)
+    try:
+        spool.extend(lines[:3])  # the API's pages: newest first when reversed
+        spool.extend(lines[3:])
+        assert list(spool) == (lines[::-1] if reverse else lines)
+        assert list(spool) == list(spool)  # read again (CSV reads twice)
+    finally:
+        spool.close()
 
 
 def test_a_record_only_the_gateway_can_decode_is_still_shown(

@@ -21,6 +21,7 @@ from .columns import Location
 from .index import AuditIndex, Segment
 from .record import IndexedFields, decode_fields, decode_fields_lines
 from .rotation import rotated_siblings, sidecar_path
+from .segments import identity, rotated_since
 
 log = logging.getLogger("crabtrio.audit")
 
@@ -72,6 +73,9 @@ class AuditReader:
         self.sidecars = {"loaded": 0, "rebuilt": 0}
         # Rotated files read to their end, to seal (sort, write the sidecar) off the loop.
         self._to_seal: list[_Source] = []
+        # Files rotated after the one this reader had open and before the active one (the
+        # path was rotated more than once between two looks), oldest first: read next.
+        self._skipped: list[_Source] = []
         self.checkpoints = {"loaded": 0, "written": 0}
         self._checkpointed = 0  # entries of the active file when it was last checkpointed
         # Told of every batch of records indexed (the budgets' spend follows them).
@@ -254,6 +258,8 @@ class AuditReader:
     def catch_up(self, budget: int | None = None) -> bool:
         """Index what was appended since the last call; switch files after a rotation.
         With a `budget` (bytes), stop after about that much and return True if more is due."""
+        if self._read_skipped(budget):
+            return True
         active = self._active
         if active is not None:
             if self._read_logged(active, budget=budget):
@@ -262,16 +268,44 @@ class AuditReader:
                 if os.stat(self.path).st_ino == active.ino:
                     self._forget_deleted()
                     return False
-            # The path was rotated or deleted: finish the old file, then pick up the new one.
+            # The path was rotated or deleted: finish the old file, then pick up the new one
+            # (opened first, so that a file rotated meanwhile is among those listed after).
             self._read_logged(active, final=True)
-            renamed = _renamed(self.path, active.fd)
-            if renamed is not None:  # rotated (not deleted, nor moved elsewhere): seal it
-                active.path = renamed
-                self._to_seal.append(active)
         self._active = self._open_source(self.path)
         self._checkpointed = 0
+        if active is not None:
+            self._rotated_after(active)
         self._forget_deleted()
+        if self._read_skipped(budget):
+            return True
         return self._active is not None and self._read_logged(self._active, budget=budget)
+
+    def _rotated_after(self, finished: _Source) -> None:
+        """Seal `finished` under its rotated name, and queue the files rotated after it that
+        this reader does not know (another worker wrote a whole file between two looks) to
+        be read before the active one. Nothing if it was deleted or moved elsewhere."""
+        rotated = rotated_since(self.path, identity(os.fstat(finished.fd)))
+        if not rotated:
+            return
+        finished.path = rotated[0][0]
+        self._to_seal.append(finished)
+        known = {source.ino for source in self._sources.values()}
+        for path, (ino, _) in rotated[1:]:
+            if ino not in known and (source := self._open_source(path)) is not None:
+                self._skipped.append(source)
+
+    def _read_skipped(self, budget: int | None) -> bool:
+        """Read the queued rotated files to their end, oldest first, and queue them to be
+        sealed; with a `budget`, True if more is due."""
+        while self._skipped:
+            source = self._skipped[0]
+            if source.number in self._sources:  # (not deleted by retention meanwhile)
+                if self._read_logged(source, budget=budget):
+                    return True
+                self._read_logged(source, final=True)
+                self._to_seal.append(source)
+            self._skipped.pop(0)
+        return False
 
     def _seal_or_load(self, source: _Source) -> None:
         """Another worker may have sealed it first: use its sidecar if it is valid."""
@@ -419,17 +453,6 @@ class AuditReader:
         self.index.segment(source.number).add(records, offsets, lengths)
         if self.on_indexed is not None:
             self.on_indexed(records)
-
-
-def _renamed(path: str, fd: int) -> str | None:
-    """The rotated sibling of `path` that is the file open at `fd`, if any."""
-    info = os.fstat(fd)
-    for sibling in reversed(rotated_siblings(path)):  # the newest is the likeliest
-        with contextlib.suppress(OSError):
-            found = os.stat(sibling)
-            if (found.st_ino, found.st_dev) == (info.st_ino, info.st_dev):
-                return sibling
-    return None
 
 
 def _warn_corrupt(corrupt: CorruptLines, path: str) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .chain import CHAIN_FIELD, Chain, Link, retained_link, split
 from .record import decode_fields
-from .rotation import rotated_siblings
+from .segments import complete_end, lines_between, retained_segments
 
 _READ = 8 << 20
 _SEQ = re.compile(rb',"seq":(\d{1,19})\}$')
@@ -55,26 +55,18 @@ class Report:
 
 def _lines(path: str, start: int = 0) -> Iterator[tuple[int, bytes, bool]]:
     """(offset, line without its newline, complete) for each line of the file from `start`."""
-    with open(path, "rb") as file:
-        file.seek(start)
-        offset, rest = start, b""
-        while chunk := file.read(_READ):
-            data = rest + chunk
-            end = data.rfind(b"\n") + 1
-            lines = data[:end].split(b"\n")
-            lines.pop()
-            for line in lines:
-                yield offset, line, True
-                offset += len(line) + 1
-            rest = data[end:]
-        if rest:
-            yield offset, rest, False
-
-
-def segments(path: str) -> list[str]:
-    """The retained segments of the audit file at `path`, oldest first."""
-    found = rotated_siblings(path)
-    return [*found, path] if os.path.exists(path) else found
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        end = complete_end(fd, size, start)
+        offset = start
+        for line in lines_between(fd, start, end):
+            yield offset, line, True
+            offset += len(line) + 1
+        if end < size:
+            yield end, os.pread(fd, size - end, end), False
+    finally:
+        os.close(fd)
 
 
 class _Lines:
@@ -192,7 +184,7 @@ def verify(path: str, keys: Sequence[str | None] = (None,)) -> Report:
     links each record (the current chain key, then older ones)."""
     path = os.path.abspath(path)
     report = Report()
-    files = segments(path)
+    files = retained_segments(path)
     retained = {os.path.basename(file) for file in files}
     walk = _Walk(retained_link(path, retained), [Chain(key) for key in keys] or [Chain()], report)
     for number, segment in enumerate(files):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 
 import orjson
+import pytest
 import trio
 
 from crabtrio.audit import reader as reader_module
 from crabtrio.audit.reader import AuditReader
-from crabtrio.audit.record import decode_fields
-from crabtrio.audit.rotation import rotated_name
+from crabtrio.audit.record import IndexedFields, decode_fields
+from crabtrio.audit.rotation import rotated_name, rotated_siblings, sidecar_path
+from crabtrio.audit.store import AuditFile
 from crabtrio.audit.sums import select
 
 from .records import lines, record
@@ -96,6 +98,52 @@ def test_rotation_then_retention(tmp_path) -> None:
         assert sorted(ids(reader)) == ["req-000010", "req-000011"]
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize("budget", [None, 300])
+def test_two_rotations_between_two_looks_index_the_file_in_between(
+    tmp_path, budget: int | None
+) -> None:
+    """Another worker can write a whole file between two looks (a small max_file_mb): the
+    file rotated in between is read after the one this reader had open and before the new
+    one, each record indexed and told to `on_indexed` once, and then sealed."""
+    path = tmp_path / "a.jsonl"
+    audit = AuditFile(str(path))
+    reader = AuditReader(str(path))
+    told: list[str] = []
+
+    def observe(records: list[IndexedFields]) -> None:
+        told.extend(fields.request_id for fields in records)
+
+    try:
+        audit.append(lines(3))
+        reader.replay()
+        reader.on_indexed = observe
+        audit.append(lines(2, start=3), rotate_at=1)  # the file the reader has open, rotated
+        audit.append(lines(4, start=5), rotate_at=1)  # a whole file, rotated
+        audit.append(lines(2, start=9))  # the new active file
+        rotated = rotated_siblings(str(path))
+        assert len(rotated) == 2
+        while reader.catch_up(budget=budget):
+            pass
+        assert sorted(ids(reader)) == [f"req-{i:06d}" for i in range(11)]
+        assert told == [f"req-{i:06d}" for i in range(3, 11)]  # in order, once each
+        reader.seal_rotated()
+        assert all(os.path.isfile(sidecar_path(segment)) for segment in rotated)
+        audit.append(lines(1, start=11))
+        reader.catch_up()
+        assert sorted(ids(reader)) == [f"req-{i:06d}" for i in range(12)]
+        assert told == [f"req-{i:06d}" for i in range(3, 12)]
+    finally:
+        reader.close()
+        audit.close()
+    restarted = AuditReader(str(path))
+    try:
+        restarted.replay()
+        assert restarted.sidecars == {"loaded": 2, "rebuilt": 0}
+        assert sorted(ids(restarted)) == [f"req-{i:06d}" for i in range(12)]
+    finally:
+        restarted.close()
 
 
 def test_restart_replays_rotated_siblings_first(tmp_path) -> None:

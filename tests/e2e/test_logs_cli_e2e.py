@@ -20,7 +20,7 @@ import httpx
 import orjson
 import pytest
 
-from crabtrio import logs_cli
+from crabtrio import logs_cli, logs_output
 from crabtrio.audit.record import AuditRecord
 from crabtrio.audit.rotation import rotated_name, rotated_siblings
 
@@ -129,8 +129,8 @@ def test_csv_rows_are_the_records_the_admin_api_returns(
         columns, rows = csv_rows(result.stdout)
         assert columns[:5] == ["request_id", "timestamp", "key_name", "model", "provider"]
         # Every known field, then the others (the hand-written record's, say) sorted.
-        others = {name for record in records for name in record} - set(logs_cli.CSV_FIELDS)
-        assert columns == [*logs_cli.CSV_FIELDS, *sorted(others)]
+        others = {name for record in records for name in record} - set(logs_output.CSV_FIELDS)
+        assert columns == [*logs_output.CSV_FIELDS, *sorted(others)]
         assert "error" in columns
         assert ("zone" in columns) == (not filters or "team-b" in filters)  # req-newer's
         # Oldest first: the API's order reversed (by timestamp, then request id).
