@@ -38,14 +38,35 @@ DEFAULTS = {
 log = logging.getLogger("crabtrio")
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, as a container's cpuset limits it)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def _with_defaults(args: list[str]) -> list[str]:
+    """hypercorn's arguments: crabtrio's defaults for what `args` leave out, one worker per
+    available core among them (hypercorn's own default is one)."""
     given = {arg.split("=", 1)[0] for arg in args if arg.startswith("-")}
-    aliases = {"--worker-class": "-k", "--bind": "-b"}
+    aliases = {"--worker-class": "-k", "--bind": "-b", "--workers": "-w"}
+    defaults = {**DEFAULTS, "--workers": str(available_cores())}
     extra: list[str] = []
-    for flag, value in DEFAULTS.items():
+    for flag, value in defaults.items():
         if flag not in given and aliases.get(flag) not in given:
             extra += [flag, value]
     return ["crabtrio:app", *extra, *args]
+
+
+def _workers(args: list[str]) -> str:
+    """The worker count hypercorn is given (the last --workers / -w wins)."""
+    found = "1"
+    for i, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        if name in ("--workers", "-w"):
+            found = value or (args[i + 1] if i + 1 < len(args) else found)
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.NamedTemporaryFile(prefix="crabtrio-workers-", suffix=".txt") as report:
         os.environ[WORKER_REPORT_ENV] = report.name  # spawned workers inherit it
         pass_sighup_to_workers(hypercorn.run)  # a live reload of the keys, not a restart
-        code = hypercorn_main(_with_defaults(args))
+        hypercorn_args = _with_defaults(args)
+        log.info(
+            "crabtrio: starting %s worker(s) (%d core(s) available; --workers to choose)",
+            _workers(hypercorn_args),
+            available_cores(),
+        )
+        code = hypercorn_main(hypercorn_args)
         # hypercorn returns once one worker has exited, and SIGTERMs the rest; they finish
         # their drain (crabtrio workers ignore SIGTERM): wait for them.
         for worker in multiprocessing.active_children():
