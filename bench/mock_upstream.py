@@ -2,6 +2,14 @@
 (loopback only): chat completions, embeddings, the Responses API and Anthropic's Messages API.
 
     python bench/mock_upstream.py --port 0 [--chunks 20] [--delay-ms 20] [--error-rate 0.1]
+        [--delta-bytes 1024] [--tool-args] [--variant MODEL:CHUNKS[:DELTA_BYTES[:tool]] ...]
+
+Chat streams are shaped like OpenAI's: every `chat.completion.chunk` carries id, object,
+created, model, service_tier, system_fingerprint and choices (delta, logprobs, finish_reason),
+and, when the request asked for `stream_options.include_usage`, `"usage":null`; then the usage
+chunk with `choices: []`, then `data: [DONE]`. `--delta-bytes` pads each delta to that size,
+`--tool-args` streams a tool call's arguments instead of text, and `--variant` serves another
+shape to the requests whose body names MODEL (e.g. `gpt-4o-mini-long:500`).
 
 Built on asyncio protocols and callbacks (uvloop when installed), with every reply encoded
 once at startup, so it is never the bottleneck: no per-request task, no JSON parsing unless
@@ -9,7 +17,7 @@ a request carries a `"mock"` object. That object injects faults for tests:
 
     {"mock": {"status": 500, "fail_times": 2, "id": "t1", "delay_ms": 50, "drop_after": 3,
               "stall_after": 3, "no_usage": true, "chunks": 5, "chunk_delay_ms": 10,
-              "echo_auth": true}}
+              "echo_auth": true, "delta_bytes": 1024, "tool_args": true}}
 
 `chunks`, the pacing, `drop_after` and `stall_after` apply to every kind of stream (they count
 events); `no_usage` leaves the usage out of chat streams and sets `usage: null` in the Responses
@@ -32,6 +40,7 @@ import socket
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 CREATED = int(time.time())
@@ -204,31 +213,144 @@ def _wire(events: list[bytes]) -> bytes:
     return SSE_HEAD + b"".join(_chunk(e) for e in events) + SSE_END
 
 
-class Replies:
-    """Every reply, encoded once."""
+CHUNK_ID = "chatcmpl-BmockUpstream0000000000000000"  # as long as OpenAI's ids (38)
+FINGERPRINT = "fp_0000mock00"
+TOOL_CALL_ID = "call_mock0000000000000000"
+TOOL_NAME = "lookup_0"
 
-    def __init__(self, chunks: int) -> None:
-        self.chunks = chunks
-        words = [WORDS[i % len(WORDS)] for i in range(chunks)]
-        usage = {"prompt_tokens": 12, "completion_tokens": chunks, "total_tokens": 12 + chunks}
-        self.usage = usage
-        message = {"role": "assistant", "content": " ".join(words)}
-        self.chat = _response(
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What a chat stream carries: how many content events, how big, text or tool arguments."""
+
+    chunks: int = 20
+    delta_bytes: int = 0  # 0: one word a delta; else each delta padded to this many bytes
+    tool_args: bool = False  # deltas of a tool call's `arguments` instead of text
+
+
+def parse_shape(spec: str) -> tuple[str, Shape]:
+    """`MODEL:CHUNKS[:DELTA_BYTES[:tool]]` (the --variant option) as a model and its Shape."""
+    name, *fields = spec.split(":")
+    if not name or not 1 <= len(fields) <= 3 or (len(fields) == 3 and fields[2] != "tool"):
+        raise ValueError(f"not MODEL:CHUNKS[:DELTA_BYTES[:tool]]: {spec!r}")
+    delta = int(fields[1]) if len(fields) > 1 else 0
+    return name, Shape(int(fields[0]), delta, len(fields) == 3)
+
+
+def _pieces(shape: Shape) -> list[str]:
+    """The streamed deltas: joined, they are the answer's text (or the tool call's arguments,
+    a JSON object)."""
+    if shape.tool_args:
+        size = max(shape.delta_bytes, 8)
+        filler = " ".join(WORDS) + " "
+        note = filler * (shape.chunks * size // len(filler) + 1)
+        text = json.dumps({"id": "rec-0001", "note": note[: shape.chunks * size - 30]})
+        return [text[i * size : (i + 1) * size] for i in range(shape.chunks - 1)] + [
+            text[(shape.chunks - 1) * size :]
+        ]
+    words = _words(shape.chunks)
+    if not shape.delta_bytes:
+        return words
+    return [(w * (shape.delta_bytes // len(w) + 1))[: shape.delta_bytes] for w in words]
+
+
+def chat_chunk(choices: list[Any], usage: Any, with_usage: bool) -> bytes:
+    """One `chat.completion.chunk` event as OpenAI sends it; `"usage"` (null but in the
+    last) only when the request asked for usage."""
+    fields: dict[str, Any] = {
+        "id": CHUNK_ID,
+        "object": "chat.completion.chunk",
+        "created": CREATED,
+        "model": MODEL,
+        "service_tier": "default",
+        "system_fingerprint": FINGERPRINT,
+        "choices": choices,
+    }
+    if with_usage:
+        fields["usage"] = usage
+    return b"data: " + _json(fields) + b"\n\n"
+
+
+def _choice(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+class ChatStream:
+    """One shape of chat stream, encoded once: with usage (`"usage":null` on every chunk,
+    then the usage chunk with `choices: []`) and without, as events and as unpaced wire."""
+
+    def __init__(self, shape: Shape) -> None:
+        pieces = _pieces(shape)
+        tokens = sum(max(1, len(p) // 4) for p in pieces)
+        self.usage = {
+            "prompt_tokens": PROMPT_TOKENS,
+            "completion_tokens": tokens,
+            "total_tokens": PROMPT_TOKENS + tokens,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
+        if shape.tool_args:
+            call = {"index": 0, "id": TOOL_CALL_ID, "type": "function"}
+            first = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{**call, "function": {"name": TOOL_NAME, "arguments": ""}}],
+                "refusal": None,
+            }
+            deltas = [{"tool_calls": [{"index": 0, "function": {"arguments": p}}]} for p in pieces]
+            finish = "tool_calls"
+        else:
+            first = {"role": "assistant", "content": "", "refusal": None}
+            deltas = [{"content": p} for p in pieces]
+            finish = "stop"
+        choices = [[_choice(first)], *([_choice(d)] for d in deltas), [_choice({}, finish)]]
+        done = b"data: [DONE]\n\n"
+        self.plain = [chat_chunk(c, None, False) for c in choices] + [done]
+        usage_event = chat_chunk([], self.usage, True)
+        self.with_usage = [chat_chunk(c, None, True) for c in choices] + [usage_event, done]
+        self.plain_wire = _wire(self.plain)
+        self.with_usage_wire = _wire(self.with_usage)
+        text = "".join(pieces)
+        if shape.tool_args:
+            call = {"id": TOOL_CALL_ID, "type": "function"}
+            call["function"] = {"name": TOOL_NAME, "arguments": text}  # type: ignore[assignment]
+            message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [call]}
+        else:
+            message = {"role": "assistant", "content": text, "refusal": None}
+        self.answer = _response(
             200,
             _json(
                 {
-                    "id": "chatcmpl-mock",
+                    "id": CHUNK_ID,
                     "object": "chat.completion",
                     "created": CREATED,
-                    "model": "mock-upstream",
-                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                    "usage": usage,
+                    "model": MODEL,
+                    "choices": [
+                        {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+                    ],
+                    "usage": self.usage,
+                    "service_tier": "default",
+                    "system_fingerprint": FINGERPRINT,
                 }
             ),
         )
-        self.events = self.stream_events(chunks)
-        self.usage_event = self.event({"choices": [], "usage": usage})
-        self.done_event = b"data: [DONE]\n\n"
+
+
+class Replies:
+    """Every reply, encoded once."""
+
+    def __init__(self, shape: Shape, variants: dict[str, Shape] | None = None) -> None:
+        chunks = shape.chunks
+        self.chunks = chunks
+        self.chat_stream = ChatStream(shape)
+        # Other chat shapes, picked by the request's model (the quoted name in its body).
+        self.variants = [(b'"%s"' % m.encode(), ChatStream(s)) for m, s in (variants or {}).items()]
+        self.chat = self.chat_stream.answer
         vector = [round(((i * 7919) % 1000) / 1000 - 0.5, 4) for i in range(256)]
         self.embeddings = _response(
             200,
@@ -259,24 +381,17 @@ class Replies:
         )
         self.not_found = _response(404, _json({"error": {"message": "no such route"}}))
 
-    @staticmethod
-    def event(fields: dict[str, Any]) -> bytes:
-        base = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": CREATED}
-        return b"data: " + _json({**base, "model": "mock-upstream", **fields}) + b"\n\n"
-
-    def stream_events(self, chunks: int) -> list[bytes]:
-        events = [self.event({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})]
-        for i in range(chunks):
-            word = WORDS[i % len(WORDS)]
-            delta = {"content": word if i == 0 else " " + word}
-            events.append(self.event({"choices": [{"index": 0, "delta": delta}]}))
-        events.append(self.event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
-        return events
+    def chat_for(self, body: bytes) -> ChatStream:
+        for model, stream in self.variants:
+            if model in body:
+                return stream
+        return self.chat_stream
 
 
 class State:
     def __init__(self, args: argparse.Namespace) -> None:
-        self.replies = Replies(args.chunks)
+        shape = Shape(args.chunks, args.delta_bytes, args.tool_args)
+        self.replies = Replies(shape, dict(parse_shape(v) for v in args.variant))
         self.delay = args.delay_ms / 1000
         self.error_rate = args.error_rate
         self.record = args.record
@@ -370,7 +485,7 @@ class Upstream(asyncio.Protocol):
             if streaming:
                 self.stream_chat(body, options)
             else:
-                self.answer(replies.chat, options)
+                self.answer(replies.chat_for(body).answer, options)
         elif path.endswith("/responses"):
             if not streaming:
                 self.answer(replies.responses, options)
@@ -432,13 +547,19 @@ class Upstream(asyncio.Protocol):
 
     def stream_chat(self, body: bytes, options: dict[str, Any]) -> None:
         replies = self.state.replies
-        chunks = options.get("chunks")
-        events = list(replies.events if chunks is None else replies.stream_events(chunks))
+        stream = replies.chat_for(body)
+        if any(k in options for k in ("chunks", "delta_bytes", "tool_args")):
+            shape = Shape(
+                options.get("chunks", replies.chunks),
+                options.get("delta_bytes", 0),
+                bool(options.get("tool_args")),
+            )
+            stream = ChatStream(shape)
         wants_usage = b'"include_usage":true' in body or b'"include_usage": true' in body
         if wants_usage and not options.get("no_usage"):
-            events.append(replies.usage_event)
-        events.append(replies.done_event)
-        self.stream(events, options)
+            self.stream(stream.with_usage, options, stream.with_usage_wire)
+        else:
+            self.stream(stream.plain, options, stream.plain_wire)
 
     def stream(self, events: list[bytes], options: dict[str, Any], wire: bytes = b"") -> None:
         """Send `events` (unpaced: at once, `wire` when given); else one event per `pace`."""
@@ -500,6 +621,15 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--chunks", type=int, default=20, help="content events per stream")
+    parser.add_argument("--delta-bytes", type=int, default=0, help="pad each delta to this")
+    parser.add_argument("--tool-args", action="store_true", help="stream tool-call arguments")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="MODEL:CHUNKS[:DELTA_BYTES[:tool]]",
+        help="another chat stream shape, for requests naming MODEL (repeatable)",
+    )
     parser.add_argument("--delay-ms", type=float, default=0.0, help="pause between events")
     parser.add_argument("--error-rate", type=float, default=0.0, help="fraction answered 500")
     parser.add_argument("--procs", type=int, default=1, help="processes sharing the socket")

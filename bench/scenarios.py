@@ -13,14 +13,40 @@ RESPONSES_PATH = "/v1/responses"
 MESSAGES_PATH = "/v1/messages"
 CHAT_MODEL = "gpt-4o-mini"
 PACED_MODEL = "gpt-4o-mini-paced"  # routed to the mock started with --delay-ms 20
+# Other shapes of chat stream from the fast mock, picked by model (its --variant option).
+LONG_MODEL = "gpt-4o-mini-long"
+LARGE_MODEL = "gpt-4o-mini-large"
+TOOLS_MODEL = "gpt-4o-mini-tools"
 EMBED_MODEL = "text-embedding-3-small"
 CLAUDE_MODEL = "claude-sonnet-4-5"  # served by the mock as an Anthropic provider
 LOAD_CONNECTIONS = 32  # the issue's reference figures were taken at wrk -c32
-STREAM_CHUNKS = 20
-PACE_MS = 20
+STREAM_CHUNKS = 20  # a short answer
+LONG_CHUNKS = 500  # a long answer
+LARGE_DELTA_BYTES = 1024
+PACE_MS = 20  # 50 events/s a stream, within the 20-100/s of real models
+PACED_CONNECTIONS = (100, 500, 2000)
+# The mock's --variant for each model above: MODEL:CHUNKS[:DELTA_BYTES[:tool]].
+VARIANTS = (
+    f"{LONG_MODEL}:{LONG_CHUNKS}",
+    f"{LARGE_MODEL}:{STREAM_CHUNKS}:{LARGE_DELTA_BYTES}",
+    f"{TOOLS_MODEL}:{STREAM_CHUNKS}:{LARGE_DELTA_BYTES}:tool",
+)
+STREAM_MODELS = (CHAT_MODEL, LONG_MODEL, LARGE_MODEL, TOOLS_MODEL)  # all on the fast mock
 # The Responses and Messages APIs are measured against crabtrio's own chat (issue 12): the
 # peers need not serve them; `direct` (the mock alone) shows the mock's headroom on them.
 OWN_API_TARGETS = ("direct", "crabtrio", "crabtrio-baseline", "crabtrio-w2")
+# The long, large and tool-call streams come from the mock upstream: crabtrio-mock (the
+# gateway's built-in mock provider) has no such shapes, so it does not run them.
+SHAPE_TARGETS = (
+    "direct",
+    "crabtrio",
+    "crabtrio-baseline",
+    "crabtrio-noaudit",
+    "crabtrio-always",
+    "crabtrio-w2",
+    "litellm",
+    "portkey",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,21 +171,40 @@ SCENARIOS = [
         LOAD_CONNECTIONS,
     ),
     Scenario(
-        "paced100",
+        "stream-long",
         CHAT_PATH,
-        {"model": PACED_MODEL, "messages": HELLO, "stream": True},
-        100,
+        {"model": LONG_MODEL, "messages": HELLO, "stream": True},
+        LOAD_CONNECTIONS,
         stream=True,
-        paced=True,
-        quick=True,
+        targets=SHAPE_TARGETS,
     ),
     Scenario(
-        "paced500",
+        "stream-large",
         CHAT_PATH,
-        {"model": PACED_MODEL, "messages": HELLO, "stream": True},
-        500,
+        {"model": LARGE_MODEL, "messages": HELLO, "stream": True},
+        LOAD_CONNECTIONS,
         stream=True,
-        paced=True,
+        targets=SHAPE_TARGETS,
+    ),
+    Scenario(
+        "stream-tools",
+        CHAT_PATH,
+        {"model": TOOLS_MODEL, "messages": HELLO, "stream": True, "tools": _tools(3)},
+        LOAD_CONNECTIONS,
+        stream=True,
+        targets=SHAPE_TARGETS,
+    ),
+    *(
+        Scenario(
+            "stream-paced-2000" if n == 2000 else f"paced{n}",  # the old names kept
+            CHAT_PATH,
+            {"model": PACED_MODEL, "messages": HELLO, "stream": True},
+            n,
+            stream=True,
+            paced=True,
+            quick=n == 100,
+        )
+        for n in PACED_CONNECTIONS
     ),
 ]
 SCENARIO_NAMES = [scenario.name for scenario in SCENARIOS]

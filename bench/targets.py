@@ -23,6 +23,8 @@ from scenarios import (
     PACE_MS,
     PACED_MODEL,
     STREAM_CHUNKS,
+    STREAM_MODELS,
+    VARIANTS,
     Scenario,
 )
 
@@ -129,7 +131,10 @@ def start_mock(workdir: Path, name: str, *extra: str) -> tuple[Process, int, flo
 
 def start_upstreams(workdir: Path, mock_procs: int) -> Upstreams:
     chunks = ["--chunks", str(STREAM_CHUNKS)]
-    fast, fast_port, startup = start_mock(workdir, "mock-fast", *chunks, "--procs", str(mock_procs))
+    variants = [f"--variant={v}" for v in VARIANTS]
+    fast, fast_port, startup = start_mock(
+        workdir, "mock-fast", *chunks, *variants, "--procs", str(mock_procs)
+    )
     try:
         paced, paced_port, _ = start_mock(
             workdir, "mock-paced", *chunks, "--delay-ms", str(PACE_MS), "--procs", str(mock_procs)
@@ -247,13 +252,14 @@ delay_ms = {PACE_MS}
 kind = "openai"
 base_url = "http://127.0.0.1:{up.fast_port}/v1"
 api_key = "{UPSTREAM_KEY}"
-models = ["{CHAT_MODEL}", "{EMBED_MODEL}"]
+models = [{", ".join(f'"{m}"' for m in (*STREAM_MODELS, EMBED_MODEL))}]
 
 [providers.openai-paced]
 kind = "openai"
 base_url = "http://127.0.0.1:{up.paced_port}/v1"
 api_key = "{UPSTREAM_KEY}"
 models = ["{PACED_MODEL}"]
+max_connections = 4000  # every paced stream holds an upstream connection (2,000 at once)
 """
         if anthropic:
             providers += _anthropic_sections(up.fast_port)
@@ -328,7 +334,8 @@ def start_litellm(up: Upstreams, workdir: Path) -> Running:
     port = free_port()
     fast = f"http://127.0.0.1:{up.fast_port}/v1"
     paced = f"http://127.0.0.1:{up.paced_port}/v1"
-    entries = [(CHAT_MODEL, CHAT_MODEL, fast), (EMBED_MODEL, EMBED_MODEL, fast)]
+    # The upstream name is the public one: the mock picks a stream's shape by it.
+    entries = [(m, m, fast) for m in (*STREAM_MODELS, EMBED_MODEL)]
     entries.append((PACED_MODEL, CHAT_MODEL, paced))
     lines = ["model_list:"]
     for public, upstream, base in entries:

@@ -7,6 +7,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 import sys
 import time
@@ -114,6 +115,7 @@ def create_app(
         configure_logging()
         if exit_on_startup_error:
             ignore_until_watched()
+            _raise_open_files_limit()
         try:
             loaded = config if config is not None else _load()
             app.extensions["crabtrio"] = await app.nursery.start(host, loaded)
@@ -218,6 +220,18 @@ def _exit(message: str) -> NoReturn:
         handler.flush()
     report_to_master("fail", message)
     os._exit(EXIT_STARTUP_FAILED)
+
+
+def _raise_open_files_limit() -> None:
+    """Lift this process's soft limit on open files to its hard limit, as Go's runtime does:
+    every relayed stream holds a client and an upstream socket, and the usual soft limit of
+    1024 would turn a busy worker's accepts and connects into EMFILE well below
+    `max_connections`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _ignore_sigterm_in_worker() -> None:

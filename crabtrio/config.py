@@ -67,7 +67,10 @@ class ProviderConfig:
     # Until the response head, then each gap between reads (the official OpenAI client: 600 s).
     timeout: float = 600.0
     connect_timeout: float = 10.0
-    max_connections: int = 100  # per provider; more requests wait for one (within `timeout`)
+    # Per provider and worker; more requests wait for one (within `timeout`). Streams hold
+    # theirs for their whole length, so it is the concurrent streams a worker relays: the
+    # OpenAI SDK's own default (httpx pool) is 1000.
+    max_connections: int = 1000
     # A timeout after the body was sent may leave the upstream generating (and billing) the
     # answer: by default it is not retried on the same provider, only the next one is tried.
     retry_on_timeout: bool = False

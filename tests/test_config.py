@@ -80,7 +80,7 @@ def test_full_config_parses_with_env_expansion() -> None:
         backup.http2,
         backup.verify,
     )
-    assert defaults == (10.0, 100, False, 30.0, 32.0, 1024.0, None, False, True)
+    assert defaults == (10.0, 1000, False, 30.0, 32.0, 1024.0, None, False, True)
     assert config.models == ["gpt-4o", "gpt-4o-mini"]
     assert config.aliases == {"gpt4": "gpt-4o"}
     assert [k.name for k in config.keys] == ["team-a", "team-b"]
