@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import targets
 from fleet_bench import chat_load, on_off
 from procs import child_json
 from targets import CLIENT_KEY, crabtrio_config
@@ -97,16 +97,7 @@ def main() -> None:
     if sys.argv[1:2] == ["checks"]:
         _checks_main(sys.argv[2])
         return
-    import shutil
-
-    import targets
-
-    workdir = Path(tempfile.mkdtemp(prefix="crabtrio-admission-bench-"))
-    try:
-        targets.snapshot_crabtrio(workdir)
-        print(json.dumps(run(workdir, "--quick" in sys.argv), indent=1))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    targets.run_alone("admission", run)
 
 
 if __name__ == "__main__":

@@ -290,17 +290,10 @@ def run(cache_dir: Path, workdir: Path, quick: bool) -> dict[str, Any]:
 
 def main() -> None:
     """`python bench/fleet_bench.py [--quick]`: this section alone (bench/run.py runs it too)."""
-    import tempfile
-
     import targets
 
-    workdir = Path(tempfile.mkdtemp(prefix="crabtrio-fleet-bench-"))
-    try:
-        targets.snapshot_crabtrio(workdir)
-        cache = Path(__file__).resolve().parent / "results" / "cache"
-        print(json.dumps(run(cache, workdir, "--quick" in sys.argv), indent=1))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    cache = Path(__file__).resolve().parent / "results" / "cache"
+    targets.run_alone("fleet", lambda workdir, quick: run(cache, workdir, quick))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import peers
 from http_probe import Request, wait_ready
@@ -86,6 +88,17 @@ def snapshot_baseline(ref: str, dest: Path) -> str:
     commit = extract_crabtrio(ref, dest)
     _baseline_path = dest
     return commit
+
+
+def run_alone(prefix: str, run: Callable[[Path, bool], dict[str, Any]]) -> None:
+    """A section of `make bench` on its own (`python bench/<section>.py [--quick]`): `run`
+    over a fresh snapshot in a temporary workdir, its figures printed as JSON."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"crabtrio-{prefix}-bench-"))
+    try:
+        snapshot_crabtrio(workdir)
+        print(json.dumps(run(workdir, "--quick" in sys.argv), indent=1))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def snapshot_crabtrio(dest: Path) -> str:

@@ -53,7 +53,7 @@ class Admission:
             raise BudgetExceeded(
                 f"key {key.name!r} has spent ${spent / MICROS_PER_USD:.6f} of its "
                 f"${budget / MICROS_PER_USD:.6f} {key.budget_period} budget",
-                self.headers(key),
+                headers=self.headers(key),
             )
         if not key.limited:
             return []
@@ -64,7 +64,7 @@ class Admission:
             raise RateLimited(
                 f"key {key.name!r} is at its limit of {limit} {verdict.exceeded} per minute; "
                 f"retry in {verdict.retry_after}s",
-                verdict.headers,
+                headers=verdict.headers,
             )
         return verdict.headers
 

@@ -37,7 +37,7 @@ class Spend:
         self._days: dict[str, dict[int, int]] = {}
         self._months: dict[str, dict[int, int]] = {}
         self._totals: dict[str, int] = {}
-        self._month = (0, 0)  # [start, end) of the last month looked up: most records are in it
+        self._month = (0, 0)  # [start, end) of the last month looked up (see `_month_of`)
 
     def start(self, sources: Iterable[Rollups], keys: Sequence[KeyConfig]) -> None:
         """Sum the spend of every budgeted key in `keys` from the rollups (the index as it
@@ -72,7 +72,7 @@ class Spend:
             return self._totals[name]
         if key.budget_period == "day":
             return self._days[name].get(now_ms - now_ms % DAY_MS, 0)
-        return self._months[name].get(month_start(now_ms), 0)
+        return self._months[name].get(self._month_of(now_ms), 0)
 
     def over_budget(self, key: KeyConfig) -> tuple[int, int] | None:
         """(spent, budget) in micro-USD when the key has reached its budget, else None."""
@@ -82,19 +82,24 @@ class Spend:
         spent = self.spent(key)
         return (spent, budget) if spent >= budget else None
 
+    def _month_of(self, ms: int) -> int:
+        """The start of the UTC month holding `ms`, from the last month's bounds when it is
+        in it (nearly always: every check and every record asks)."""
+        low, high = self._month
+        if not low <= ms < high:
+            low = month_start(ms)
+            self._month = (low, month_start(low + 32 * DAY_MS))
+        return low
+
     def _add(self, name: str, ms: int, cost: Any) -> None:
         cost = int(cost)
         self._totals[name] += cost
         days = self._days[name]
         day = ms - ms % DAY_MS
         days[day] = days.get(day, 0) + cost
-        low, high = self._month
-        if not low <= ms < high:
-            low = month_start(ms)
-            high = month_start(low + 32 * DAY_MS)
-            self._month = (low, high)
+        month = self._month_of(ms)
         months = self._months[name]
-        months[low] = months.get(low, 0) + cost
+        months[month] = months.get(month, 0) + cost
         if len(days) > 64:  # only today's is ever asked for: keep a few
             for old in sorted(days)[:-2]:
                 del days[old]

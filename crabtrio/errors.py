@@ -13,8 +13,6 @@ class GatewayError(Exception):
     status: int = 500
     kind: str = "server_error"
     default_code: str | None = None
-    # Response headers that go with the error (retry-after, x-ratelimit-*).
-    headers: list[tuple[bytes, bytes]] = []
 
     def __init__(
         self,
@@ -23,12 +21,15 @@ class GatewayError(Exception):
         code: str | None = None,
         param: str | None = None,
         status: int | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code if code is not None else self.default_code
         self.param = param
         if status is not None:
             self.status = status
+        # Response headers that go with the error (retry-after, x-ratelimit-*).
+        self.headers = headers or []
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"message": str(self), "type": self.kind, "code": self.code}
@@ -69,19 +70,11 @@ class RateLimited(GatewayError):
 
     status, kind, default_code = 429, "rate_limit_exceeded", "rate_limit_exceeded"
 
-    def __init__(self, message: str, headers: list[tuple[bytes, bytes]]) -> None:
-        super().__init__(message)
-        self.headers = headers
-
 
 class BudgetExceeded(GatewayError):
     """The key has spent its budget for the period (see `budgets`)."""
 
     status, kind, default_code = 429, "insufficient_quota", "budget_exceeded"
-
-    def __init__(self, message: str, headers: list[tuple[bytes, bytes]]) -> None:
-        super().__init__(message)
-        self.headers = headers
 
 
 class UpstreamError(GatewayError):

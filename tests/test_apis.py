@@ -242,6 +242,26 @@ def one_record(gw: Any, request_id: str) -> dict:
     return record
 
 
+async def relayed_once(
+    tmp_path: Path, path: str, body: dict, headers: dict[str, str], answer: bytes
+) -> tuple[httpx.Request, str, dict]:
+    """One request relayed to a fake upstream answering `answer` (which the client must get
+    as it is): what the upstream received, the request id, and the record."""
+    upstream = Upstream()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        upstream.note(request)
+        return httpx.Response(200, headers={"content-type": "application/json"}, content=answer)
+
+    async with gateway(tmp_path, handler, base=API) as gw:
+        response = await gw.post(path, body, headers=headers)
+        assert response.status_code == 200
+        assert await response.get_data() == answer
+        request_id = response.headers["x-request-id"]
+    (sent,) = upstream.requests
+    return sent, request_id, one_record(gw, request_id)
+
+
 # --- the Responses API -----------------------------------------------------------------------
 
 RESPONSES_BODY = {
@@ -260,25 +280,15 @@ RESPONSES_BODY = {
 async def test_responses_go_upstream_untouched_but_the_model_and_are_recorded(
     tmp_path: Path,
 ) -> None:
-    upstream = Upstream()
     answer = orjson.dumps(response_object())
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        upstream.note(request)
-        return httpx.Response(200, headers={"content-type": "application/json"}, content=answer)
-
-    async with gateway(tmp_path, handler, base=API) as gw:
-        response = await gw.post("/v1/responses", RESPONSES_BODY, headers=TEAM_A)
-        assert response.status_code == 200
-        assert await response.get_data() == answer
-        request_id = response.headers["x-request-id"]
-    (sent,) = upstream.requests
+    sent, request_id, record = await relayed_once(
+        tmp_path, "/v1/responses", RESPONSES_BODY, TEAM_A, answer
+    )
     assert sent.url == "http://oai.test/v1/responses"
     assert orjson.loads(sent.content) == {**RESPONSES_BODY, "model": "gpt-4o"}
     assert sent.headers["authorization"] == "Bearer sk-upstream-oai"
     assert "x-api-key" not in sent.headers and "anthropic-version" not in sent.headers
     assert_no_client_secret(sent)
-    record = one_record(gw, request_id)
     expected = {
         "request_id": request_id,
         "key_name": "team-a",
@@ -355,19 +365,10 @@ MESSAGES_BODY = {
 
 @pytest.mark.parametrize("auth", [TEAM_A_X, TEAM_A], ids=["x-api-key", "bearer"])
 async def test_messages_go_upstream_with_the_providers_x_api_key(tmp_path: Path, auth) -> None:
-    upstream = Upstream()
     answer = orjson.dumps(message_object())
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        upstream.note(request)
-        return httpx.Response(200, headers={"content-type": "application/json"}, content=answer)
-
-    async with gateway(tmp_path, handler, base=API) as gw:
-        response = await gw.post("/v1/messages", MESSAGES_BODY, headers=auth)
-        assert response.status_code == 200
-        assert await response.get_data() == answer
-        request_id = response.headers["x-request-id"]
-    (sent,) = upstream.requests
+    sent, request_id, record = await relayed_once(
+        tmp_path, "/v1/messages", MESSAGES_BODY, auth, answer
+    )
     assert sent.url == "http://claude.test/v1/messages"
     assert orjson.loads(sent.content) == {**MESSAGES_BODY, "model": "claude-x"}
     assert sent.headers["x-api-key"] == "sk-ant-upstream-secret"
@@ -376,7 +377,6 @@ async def test_messages_go_upstream_with_the_providers_x_api_key(tmp_path: Path,
     assert sent.headers["anthropic-version"] == "2023-06-01"  # the default
     assert "anthropic-beta" not in sent.headers
     assert_no_client_secret(sent)
-    record = one_record(gw, request_id)
     expected = {
         "request_id": request_id,
         "key_name": "team-a",

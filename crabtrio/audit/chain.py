@@ -26,8 +26,9 @@ _BLOCK = 64  # SHA-256's block size, for HMAC
 CHAIN_FIELD = b',"chain":"'
 _SEGMENT = re.compile(rb'^\{"segment":"([^"]*)"')
 _TAIL = re.compile(rb',"seq":(\d{1,19}),"chain":"([0-9a-f]{64})"\}$')
-# How much of a file's end is read to find its last record (records are far shorter).
-_LAST_LINE_BYTES = 1 << 16
+# How much of a file's end is read to find its last record: a few records' worth first,
+# then what no record exceeds.
+_TAIL_READS = (1 << 12, 1 << 16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,18 +108,23 @@ def link_of(line: bytes) -> Link | None:
 
 def last_link(fd: int, size: int) -> Link | None:
     """The link of the last chained line in the first `size` bytes of an open file (looking
-    back through its last 64 KB: lines without one are older records, or damage)."""
-    start = max(0, size - _LAST_LINE_BYTES)
-    data = os.pread(fd, size - start, start)
-    end = data.rfind(b"\n")
-    while end >= 0:
-        begin = data.rfind(b"\n", 0, end) + 1
-        if begin == 0 and start > 0:
-            return None  # a line longer than what was read: no record is
-        found = link_of(data[begin:end])
-        if found is not None:
-            return found
-        end = begin - 1
+    back through its last 64 KB: lines without one are older records, or damage). Writers
+    ask at each batch after another process appended: the last line nearly always links,
+    so a few KB are read first."""
+    for window in _TAIL_READS:
+        start = max(0, size - window)
+        data = os.pread(fd, size - start, start)
+        end = data.rfind(b"\n")
+        while end >= 0:
+            begin = data.rfind(b"\n", 0, end) + 1
+            if begin == 0 and start > 0:
+                break  # this line began before what was read
+            found = link_of(data[begin:end])
+            if found is not None:
+                return found
+            end = begin - 1
+        if start == 0:
+            return None
     return None
 
 
