@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from scenarios import MARGINAL_CONNECTIONS, MARGINAL_EVENTS
+
 Stats = dict[str, float]  # median, min, max, n
 
 
@@ -122,7 +124,7 @@ class Check:
 
 
 def check_targets(results: dict[str, Any], summary: dict[str, Any]) -> list[Check]:
-    """The targets of the issues (3 to 12), each with its measured figure."""
+    """The targets of the issues (1 to 14), each with its measured figure."""
     ran = set(results["targets"])
     checks: list[Check] = []
 
@@ -355,6 +357,99 @@ def check_targets(results: dict[str, Any], summary: dict[str, Any]) -> list[Chec
             (),
             functools.partial(cpu_against_chat, scenario, base),
         )
+
+    # Issue 14 (streams): `make bench PEERS=portkey`.
+    def per_event_cpu() -> tuple[str, str, bool]:
+        """CPU of one paced event apart from its stream's request: the same streams with 60
+        and with 10 events, per extra event, round by round."""
+        few, many = (f"paced-{n}ev" for n in MARGINAL_EVENTS)
+        # wrk leaves its streams unfinished at the end of a run, about half done each, whose
+        # CPU is in the run's: counted as half a stream each (else a long stream's CPU would
+        # look ~12% higher than it is, and a short one's ~2%).
+        rows = {
+            (r["round"], r["scenario"]): r["cpu_ms_per_request"]
+            * r["requests"]
+            / (r["requests"] + MARGINAL_CONNECTIONS / 2)
+            for r in results["runs"]
+            if r["target"] == "crabtrio"
+            and r["scenario"] in (few, many)
+            and r.get("cpu_ms_per_request") is not None
+            and r.get("requests")
+        }
+        extra = MARGINAL_EVENTS[1] - MARGINAL_EVENTS[0]
+        per = stats(
+            [
+                (cpu - rows[(round_, few)]) / extra * 1000
+                for (round_, name), cpu in rows.items()
+                if name == many and (round_, few) in rows
+            ]
+        )
+        if per is None:
+            raise KeyError(f"no {few} and {many} CPU figures for crabtrio")
+        return fmt(per, 1) + " µs", "<= 30 µs", per["median"] <= 30
+
+    add(14, "CPU per relayed paced event (1 worker)", (), per_event_cpu)
+    add(
+        14,
+        "paced streams/s, 500 concurrent, 1 worker: crabtrio / portkey",
+        ("portkey",),
+        lambda: ratio("crabtrio", "portkey", "paced500", 0.9),
+    )
+    add(
+        14,
+        "paced streams/s, 2,000 concurrent, default workers (crabtrio-w2) / portkey",
+        ("crabtrio-w2", "portkey"),
+        lambda: ratio("crabtrio-w2", "portkey", "stream-paced-2000", 1.3),
+    )
+
+    def paced_2000_errors() -> tuple[str, str, bool]:
+        rows = [
+            r
+            for r in results["runs"]
+            if r["target"] == "crabtrio-w2" and r["scenario"] == "stream-paced-2000"
+        ]
+        if not rows:
+            raise KeyError("stream-paced-2000 not run on crabtrio-w2")
+        errors = sum(r["errors"] for r in rows)
+        return f"{errors} errors in {len(rows)} runs", "0 errors", errors == 0
+
+    add(
+        14,
+        "2,000 paced streams, default workers, without error",
+        ("crabtrio-w2",),
+        paced_2000_errors,
+    )
+
+    def at_most(target: str, scenario: str, metric: str, limit: float) -> tuple[str, str, bool]:
+        r = same_round_ratio(results, target, "portkey", scenario, metric)
+        if r is None:
+            raise KeyError(f"no {scenario} {metric} for {target} and portkey")
+        return _x(r), f"<= {limit:g}x", r["median"] <= limit
+
+    add(
+        14,
+        "time to first event under paced load (paced500), p50: crabtrio / portkey",
+        ("portkey",),
+        lambda: at_most("crabtrio", "paced500", "ttfe_load_p50_ms", 0.5),
+    )
+    add(
+        14,
+        "CPU per long stream (500 events): crabtrio / portkey",
+        ("portkey",),
+        lambda: at_most("crabtrio", "stream-long", "cpu_ms_per_request", 1.0),
+    )
+    add(
+        14,
+        "chat req/s: crabtrio / portkey (was 1.25x)",
+        ("portkey",),
+        lambda: ratio("crabtrio", "portkey", "chat", 1.25),
+    )
+
+    def chat_added() -> tuple[str, str, bool]:
+        ours = summary["added"]["crabtrio"]["chat_p50_ms"]["median"]
+        return f"+{ours:.2f} ms", "<= +0.50 ms", ours <= 0.50
+
+    add(14, "added chat latency at 1 connection (was +0.50 ms)", (), chat_added)
     return checks
 
 

@@ -25,6 +25,12 @@ LONG_CHUNKS = 500  # a long answer
 LARGE_DELTA_BYTES = 1024
 PACE_MS = 20  # 50 events/s a stream, within the 20-100/s of real models
 PACED_CONNECTIONS = (100, 500, 2000)
+# The cost of one paced event, apart from its stream's request (issue 14): the same 200
+# streams with 10 and with 60 events, 20 ms apart (the fast mock paces them when the body
+# asks, with its `mock` object). Only crabtrio forwards that object: peers do not run them.
+MARGINAL_EVENTS = (10, 60)
+MARGINAL_CONNECTIONS = 200
+MARGINAL_TARGETS = ("crabtrio", "crabtrio-baseline")
 # The mock's --variant for each model above: MODEL:CHUNKS[:DELTA_BYTES[:tool]].
 VARIANTS = (
     f"{LONG_MODEL}:{LONG_CHUNKS}",
@@ -205,6 +211,23 @@ SCENARIOS = [
             quick=n == 100,
         )
         for n in PACED_CONNECTIONS
+    ),
+    *(
+        Scenario(
+            f"paced-{n}ev",
+            CHAT_PATH,
+            {
+                "model": CHAT_MODEL,
+                "messages": HELLO,
+                "stream": True,
+                "mock": {"chunks": n, "chunk_delay_ms": PACE_MS},
+            },
+            MARGINAL_CONNECTIONS,
+            stream=True,
+            paced=True,
+            targets=MARGINAL_TARGETS,
+        )
+        for n in MARGINAL_EVENTS
     ),
 ]
 SCENARIO_NAMES = [scenario.name for scenario in SCENARIOS]

@@ -8,10 +8,11 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
+from .body_writer import DirectBody
 from .errors import GatewayError, error_body
 
 log = logging.getLogger("crabtrio")
@@ -19,6 +20,7 @@ log = logging.getLogger("crabtrio")
 # Keys this layer puts in the ASGI scope for the routes.
 REQUEST_ID = "crabtrio.request_id"
 STARTED = "crabtrio.started"
+SEND_PART = "crabtrio.send_part"  # Exchange.send_part: a streamed body's parts, fast
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -51,6 +53,7 @@ class Exchange:
     """
 
     __slots__ = (
+        "_direct",
         "_receive",
         "_send",
         "_sending",
@@ -72,6 +75,7 @@ class Exchange:
         self._sent: trio.Event | None = None
         self.disconnected = False  # the client went away before the response ended
         self.final = False  # the last body part was handed to the server
+        self._direct: DirectBody | Literal[False] | None = None  # None: not looked for yet
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -83,10 +87,35 @@ class Exchange:
         try:
             await self._send(message)
         finally:
-            self._sending = False
-            if self._sent is not None:
-                self._sent.set()
-                self._sent = None
+            self._sent_now()
+
+    async def send_part(self, data: bytes) -> None:
+        """One non-empty part of a started streamed body, not the last: written straight to
+        the socket where `DirectBody` can, else as an ASGI message."""
+        direct = self._direct
+        if direct is None:
+            direct = self._direct = DirectBody.of(self._send) or False
+        if direct:
+            rest = direct.write(data)
+            if rest is not None:
+                if rest:  # (no await otherwise: nothing to wait for, and no disconnect between)
+                    self._sending = True
+                    try:
+                        await direct.finish(rest)
+                    finally:
+                        self._sent_now()
+                return
+        self._sending = True
+        try:
+            await self._send({"type": "http.response.body", "body": data, "more_body": True})
+        finally:
+            self._sent_now()
+
+    def _sent_now(self) -> None:
+        self._sending = False
+        if self._sent is not None:
+            self._sent.set()
+            self._sent = None
 
     async def receive(self) -> Message:
         message = await self._receive()
@@ -133,6 +162,7 @@ class RequestDispatch:
                 (b"vary", b"origin"),
             ]
         exchange = Exchange(receive, send, extra)
+        scope[SEND_PART] = exchange.send_part
         if "//" in path:  # werkzeug would serve `//v1/models` as /v1/models, or redirect
             body = error_body(404, "no such route", "invalid_request_error", "not_found")
             await send_json(exchange.send, 404, body)

@@ -1,6 +1,6 @@
 """Workarounds for hypercorn 0.17/0.18 bugs that let one client kill or desynchronise a worker.
 
-`install()` patches three places, each checked for its expected shape at import:
+`install()` patches four places, each checked for its expected shape at import:
 
 1. HTTP/2: DATA for a stream whose response is complete raises `KeyError` in
    `hypercorn/protocol/h2.py` (0.18: line 259, `H2Protocol._handle_events`), so an early 401 or
@@ -19,21 +19,30 @@
    the connection after responding to such a request; it is now refused with a 400 and closed.
    hypercorn's own error responses (`H11Protocol._send_error_response`: 400 framing, 431
    headers too large, 501 transfer coding) get an OpenAI-shaped JSON body instead of none.
+
+And one cost: 4. every keep-alive connection's idle timer (`TrioSingleTask`, stopped when a
+   request arrives and restarted when its response ends) took a lock and `nursery.start` on
+   each restart: four scheduler passes and ~5% of a paced stream's CPU in the trio worker
+   (py-spy, bench/figures/stream-profile.md). `_IdleTimer` does the same with its own cancel
+   scope and `start_soon`, with no pass.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from importlib.metadata import version
 from typing import Any
 
 import h2.events
 import h11
+import trio
 from hypercorn.events import RawData
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio import tcp_server
 from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import TrioSingleTask
 
 from .errors import error_body
 
@@ -47,6 +56,8 @@ _USED = (
     (H11Protocol, "__init__", None),  # wrapped with *args, **kwargs: any signature will do
     (H11Protocol, "_send_error_response", ["self", "status_code"]),
     (TCPServer, "run", ["self"]),
+    (TrioSingleTask, "restart", ["self", "task_group", "action"]),
+    (TrioSingleTask, "stop", ["self"]),
 )
 
 
@@ -58,6 +69,8 @@ def _check_shape() -> None:
         if not hasattr(cls, name)
         or (params is not None and list(inspect.signature(getattr(cls, name)).parameters) != params)
     ]
+    if getattr(tcp_server, "TrioSingleTask", None) is not TrioSingleTask:
+        missing.append("tcp_server.TrioSingleTask")
     if not found.startswith(SUPPORTED_HYPERCORN) or missing:
         raise RuntimeError(
             f"crabtrio.hypercorn_fixes is for hypercorn {'x or '.join(SUPPORTED_HYPERCORN)}x"
@@ -156,6 +169,33 @@ async def _h11_send_error_response(self: Any, status_code: int) -> None:
         await self.send(RawData(data=data))
 
 
+class _IdleTimer:
+    """hypercorn's `TrioSingleTask` (one task at a time, replaced on restart) without its
+    lock and `nursery.start`: the task's cancel scope is made here, so a `stop()` before the
+    task has even begun still ends it (at its first checkpoint)."""
+
+    __slots__ = ("_scope",)
+
+    def __init__(self) -> None:
+        self._scope: trio.CancelScope | None = None
+
+    async def restart(self, task_group: Any, action: Callable[[], Awaitable[None]]) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+        scope = self._scope = trio.CancelScope()
+        task_group._nursery.start_soon(_run_within, scope, action)
+
+    async def stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+            self._scope = None
+
+
+async def _run_within(scope: trio.CancelScope, action: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await action()
+
+
 _installed = False
 
 
@@ -169,4 +209,5 @@ def install() -> None:
     setattr(TCPServer, "run", _tcp_run)  # noqa: B010
     setattr(H11Protocol, "__init__", _h11_init)  # noqa: B010
     setattr(H11Protocol, "_send_error_response", _h11_send_error_response)  # noqa: B010
+    setattr(tcp_server, "TrioSingleTask", _IdleTimer)  # noqa: B010
     _installed = True

@@ -10,7 +10,7 @@ few events that can hold them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -149,10 +149,11 @@ async def relay(
     events: Events,
     api: Api,
     *,
+    send_part: Callable[[bytes], Awaitable[None]],
     wait_recorded: Callable[[int], Awaitable[None]],
-) -> AsyncGenerator[bytes]:
-    """Yield the stream's events as they arrive; end (for chat with [DONE]) once the record
-    is made.
+) -> None:
+    """Send the stream's events on as they arrive (everything one read completes, in one
+    part); end (for chat with [DONE]) once the record is made.
 
     Records the stream at its end (200, or 502 when the upstream sent an error event or
     stopped before the end), or on an upstream failure mid-stream (502, or 504 when it
@@ -162,12 +163,12 @@ async def relay(
     try:
         out = events(opened.first)
         if out:
-            yield out
+            await send_part(out)
         while not events.done and (complete := await opened.receive()) is not None:
             if complete:
                 out = events(complete)
                 if out:
-                    yield out
+                    await send_part(out)
         if events.ended_early():
             raise UpstreamError(
                 f"upstream {opened.provider.name} ended the stream before it was complete"
@@ -177,10 +178,10 @@ async def relay(
             pending.finish(200) if failure is None else pending.finish(502, failure)
         )
         if events.ending:
-            yield events.ending
+            await send_part(events.ending)
         await opened.drain()
     except GatewayError as exc:
         # An upstream failure mid-stream is recorded here; a record that could not be made
         # durable was finished already (`finish` records once). Either way: no normal end.
         pending.finish(exc.status, str(exc))
-        yield api.error_event(exc)
+        await send_part(api.error_event(exc))

@@ -1,8 +1,9 @@
 """LeanTransport against scripted servers on 127.0.0.1: framing, reuse, retries, limits, time,
-error words and TLS."""
+error words, TLS, and chunked bodies."""
 
 from __future__ import annotations
 
+import random
 import socket
 import ssl
 import struct
@@ -15,10 +16,11 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from crabtrio.config import ProviderConfig
-from crabtrio.upstream import lean
+from crabtrio.upstream import lean, stalls
 from crabtrio.upstream.client import translate
 from crabtrio.upstream.lean import LeanTransport
 
@@ -521,3 +523,293 @@ async def test_https_bytes_past_the_response_in_a_later_tls_record_are_not_the_n
             second = await client.get("/second")
     assert (first.content, second.content) == (b"ok", b"ok")
     assert server.connections == 2
+
+
+# --- 9. chunked bodies: a part per read, reuse only after an exact end; stalls -------------
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+EVENTS = [b'data: {"n": %d}\n\n' % n for n in range(20)]
+READ = 0.2  # the read timeout of the stall tests
+TICK = READ / 10  # how late Stalls may notice a stall (stalls.py)
+# Real time: scheduling delays on a busy machine come on top (a tick of 1 s, the watcher's
+# default, or a per-read deadline of 5x the timeout would still be caught).
+SLACK = 0.25
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+@pytest.mark.parametrize("with_head", [True, False], ids=["with-head", "after-head"])
+async def test_chunks_that_arrive_in_one_segment_come_out_as_one_part(with_head: bool) -> None:
+    head_seen, part_seen = trio.Event(), trio.Event()
+
+    async def events_at_once(peer: Peer) -> None:
+        await peer.read_request()
+        if with_head:  # the whole answer, head included, in one send
+            await peer.send(CHUNKED_HEAD + b"".join(map(chunk, EVENTS)) + LAST_CHUNK)
+        else:  # the head, then (once the client has it) every event in one send
+            await peer.send(CHUNKED_HEAD)
+            await head_seen.wait()
+            await peer.send(b"".join(map(chunk, EVENTS)))
+            await part_seen.wait()
+            await peer.send(LAST_CHUNK)
+        await keep_answering(peer)
+
+    parts: list[bytes] = []
+    async with serving(events_at_once) as (_, client), client.stream("GET", "/") as response:
+        head_seen.set()
+        async for part in response.aiter_raw():
+            parts.append(part)
+            part_seen.set()
+    assert parts == [b"".join(EVENTS)]  # not one part per chunk
+
+
+def random_chunked(seed: int) -> tuple[bytes, bytes]:
+    """A chunked body with extensions and trailers, and the body it encodes."""
+    rng = random.Random(seed)
+    wire, body = b"", b""
+    for _ in range(8):
+        data = rng.randbytes(rng.randint(1, 30))
+        extension = rng.choice([b"", b";x=1", b";name"])
+        wire += b"%X%s\r\n%s\r\n" % (len(data), extension, data)
+        body += data
+    return wire + b"0;end\r\nx-checksum: 1\r\n\r\n", body
+
+
+async def test_a_chunked_body_in_many_tiny_segments_is_reassembled_exactly() -> None:
+    wire, body = random_chunked(seed=1)
+
+    async def trickle(peer: Peer) -> None:
+        while await peer.read_request():
+            await peer.send(CHUNKED_HEAD)
+            for at in range(0, len(wire), 3):
+                await peer.send(wire[at : at + 3])
+                # once the client has read this piece: each piece is a read of its own
+                await trio.testing.wait_all_tasks_blocked()
+
+    parts: list[bytes] = []
+    async with serving(trickle) as (server, client):
+        async with client.stream("GET", "/") as response:
+            async for part in response.aiter_raw():
+                parts.append(part)
+        assert (await client.get("/again")).content == body
+    assert b"".join(parts) == body
+    assert len(parts) > len(wire) // 6  # it did come in pieces
+    assert server.connections == 1  # and ended exactly, twice
+
+
+async def test_a_connection_is_reused_after_a_chunked_body_that_ended_exactly() -> None:
+    response = CHUNKED_HEAD + chunk(b"o") + chunk(b"k") + LAST_CHUNK
+    async with serving(always(response)) as (server, client):
+        assert (await client.get("/a")).content == b"ok"
+        assert (await client.get("/b")).content == b"ok"
+    assert server.peers[0].requests == [b"GET /a", b"GET /b"]
+
+
+@pytest.mark.parametrize("when", ["same-segment", "later-segment"])
+async def test_bytes_after_the_last_chunk_end_the_connection_and_are_never_a_response(
+    when: str,
+) -> None:
+    go, sent = trio.Event(), trio.Event()
+
+    async def overlong(peer: Peer) -> None:
+        if peer.number == 1:
+            await peer.read_request()
+            ok = CHUNKED_HEAD + chunk(b"ok") + LAST_CHUNK
+            if when == "same-segment":
+                await peer.send(ok + FORGED)
+            else:
+                await peer.send(ok)
+                await go.wait()  # the client has read the whole response
+                await peer.send(FORGED)
+            sent.set()
+            while await peer.read_request():
+                await peer.send(FORGED)
+        await keep_answering(peer)
+
+    async with serving(overlong) as (server, client):
+        assert (await client.get("/first")).content == b"ok"
+        go.set()
+        await sent.wait()  # on loopback the bytes are in the client's socket once sent
+        assert (await client.get("/second")).content == b"ok"
+    assert server.connections == 2
+    assert server.peers[1].requests == [b"GET /second"]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\nconnection: close\r\n", id="connection-close"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nconnection: keep-alive, Close\r\n", id="close-listed"),
+        pytest.param(b"HTTP/1.0 200 OK\r\n", id="http-1.0"),
+    ],
+)
+async def test_a_chunked_body_the_server_will_close_after_is_read_and_not_reused(
+    head: bytes,
+) -> None:
+    # The server keeps answering on the same connection: only the client's choice is seen.
+    response = head + b"transfer-encoding: chunked\r\n\r\n" + chunk(b"ok") + LAST_CHUNK
+    async with serving(always(response)) as (server, client):
+        for _ in range(3):
+            assert (await client.get("/")).content == b"ok"
+    assert server.connections == 3
+
+
+@pytest.mark.parametrize(
+    ("method", "status"),
+    [("HEAD", b"200 OK"), ("GET", b"204 No Content"), ("GET", b"304 Not Modified")],
+)
+async def test_an_answer_that_has_no_body_is_not_read_as_chunked(
+    method: str, status: bytes
+) -> None:
+    async def bodiless_then_ok(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(b"HTTP/1.1 %s\r\ntransfer-encoding: chunked\r\n\r\n" % status)
+        await keep_answering(peer)
+
+    async with serving(bodiless_then_ok, read=1.0) as (server, client):
+        first = await client.request(method, "/")
+        assert first.content == b""
+        assert (await client.get("/next")).content == b"ok"
+    assert server.connections == 1
+
+
+async def test_an_empty_body_with_a_content_length_of_0_ends_at_once() -> None:
+    async with serving(always(answer(b"")), read=0.5) as (server, client):
+        for _ in range(2):
+            assert (await client.get("/")).content == b""
+    assert server.connections == 1
+
+
+MALFORMED_BODIES = {
+    "data-without-crlf": chunk(b"ok") + b"5\r\nhello" + SECRET + b"\r\n",
+    "bad-size": chunk(b"ok") + SECRET + b"\r\n",
+    "size-too-long": chunk(b"ok") + b"0" * 21 + b"5\r\n",
+    "size-line-too-long": b"5;" + SECRET * 400 + b"\r\n",
+    "trailers-too-long": chunk(b"ok") + b"0\r\nx-leak: " + SECRET * 6000,
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED_BODIES.values(), ids=MALFORMED_BODIES.keys())
+async def test_malformed_chunk_framing_is_a_protocol_error_that_quotes_nothing(
+    body: bytes,
+) -> None:
+    async def malformed_once(peer: Peer) -> None:
+        if peer.number == 1:
+            await peer.read_request()
+            await peer.send(CHUNKED_HEAD)
+            await peer.send(body)
+            while await peer.read_request():
+                await peer.send(FORGED)
+        await keep_answering(peer)
+
+    async with serving(malformed_once) as (server, client):
+        transport = client._transport
+        assert isinstance(transport, LeanTransport)
+        with pytest.raises(httpx.RemoteProtocolError) as info:
+            await client.get("/")
+        assert transport.open_connections() == 0
+        assert (await client.get("/next")).content == b"ok"
+    error = info.value
+    told = " ".join([str(error), repr(error), *traceback.format_exception(error)])
+    assert "sk-secret" not in told and "hello" not in told
+    assert server.connections == 2
+
+
+async def test_a_chunked_body_cut_short_by_a_close_is_a_protocol_error() -> None:
+    async def close_mid_body(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(CHUNKED_HEAD + chunk(b"ok") + b"5\r\nhel")
+
+    async with serving(close_mid_body) as (_, client):
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.get("/")
+
+
+@asynccontextmanager
+async def unentered_client(
+    server: RawServer, **timeouts: float
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client (and transport) used without `async with`: no Stalls, a deadline per read."""
+    client = httpx.AsyncClient(
+        transport=LeanTransport(ssl_context=None, max_connections=10),
+        base_url=server.url,
+        timeout=httpx.Timeout(5.0, **timeouts),
+        trust_env=False,
+    )
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("entered", [True, False], ids=["stalls", "deadline-per-read"])
+async def test_a_stall_mid_chunk_is_a_read_timeout_within_a_tick_of_the_read_timeout(
+    entered: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits_watched = 0
+    watched_wait = stalls.Stalls.wait_readable
+
+    async def counted(self: stalls.Stalls, sock: socket.socket, timeout: float) -> None:
+        nonlocal waits_watched
+        waits_watched += 1
+        await watched_wait(self, sock, timeout)
+
+    monkeypatch.setattr(stalls.Stalls, "wait_readable", counted)
+
+    async def stall_mid_chunk(peer: Peer) -> None:
+        if peer.number == 1:
+            await peer.read_request()
+            await peer.send(CHUNKED_HEAD + chunk(b"first") + b"5\r\nsec")
+            await peer.read_request()  # nothing more, until the client gives up
+            return
+        await keep_answering(peer)
+
+    got = 0.0
+    parts: list[bytes] = []
+    async with AsyncExitStack() as stack:
+        stack.enter_context(trio.fail_after(LIMIT))
+        server = await stack.enter_async_context(raw_server(stall_mid_chunk))
+        opening = lean_client if entered else unentered_client
+        client = await stack.enter_async_context(opening(server, read=READ))
+        async with client.stream("GET", "/") as response:
+            with pytest.raises(httpx.ReadTimeout):
+                async for part in response.aiter_raw():
+                    parts.append(part)
+                    got = trio.current_time()
+        waited = trio.current_time() - got
+        transport = client._transport
+        assert isinstance(transport, LeanTransport)
+        assert transport.open_connections() == 0  # the timed-out connection was dropped
+        assert (await client.get("/next")).content == b"ok"
+    assert parts == [b"firstsec"]
+    assert READ <= waited <= READ + TICK + SLACK
+    assert (waits_watched > 0) == entered  # the path under test was the one taken
+
+
+async def test_trailers_after_the_last_chunk_are_accepted_and_the_connection_reused() -> None:
+    trailers = b"x-checksum: abc\r\nx-usage: {}\r\n\r\n"
+    response = CHUNKED_HEAD + chunk(b"ok") + b"0\r\n" + trailers
+    async with serving(always(response)) as (server, client):
+        for _ in range(3):
+            assert (await client.get("/")).content == b"ok"
+    assert server.connections == 1
+
+
+async def test_a_body_still_read_after_its_client_closed_is_bounded_by_the_read_timeout() -> None:
+    async def stall(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(CHUNKED_HEAD + chunk(b"first"))
+        await peer.read_request()  # nothing more, until the client gives up
+
+    with trio.fail_after(LIMIT):
+        async with raw_server(stall) as server:
+            async with lean_client(server, read=READ) as client:
+                response = await client.send(client.build_request("GET", "/"), stream=True)
+            with trio.move_on_after(READ + TICK + SLACK) as unbounded:
+                with pytest.raises(httpx.ReadTimeout):
+                    await response.aread()
+            await response.aclose()
+    assert not unbounded.cancelled_caught

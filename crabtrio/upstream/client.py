@@ -6,8 +6,17 @@ from __future__ import annotations
 import ssl
 import urllib.request
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,7 +26,7 @@ import trio
 from ..config import ProviderConfig, tls_context, tls_settings
 from ..errors import UpstreamError, UpstreamTimeout
 from ..mock import MockTransport
-from .lean import RELEASED_AT_END, LeanTransport
+from .lean import RELEASED_AT_END, LeanBody, LeanTransport
 
 MIB = 1024 * 1024
 # Bodies with a content-encoding are decompressed in a worker thread, never on the event loop
@@ -46,6 +55,7 @@ class UpstreamResponse:
         "_chunks",
         "_decoder",
         "_done",
+        "_next",
         "_provider",
         "_released_at_end",
         "_response",
@@ -62,16 +72,25 @@ class UpstreamResponse:
         # LeanTransport gives the connection back at the body's end by itself; httpx's
         # transport does so only in `aclose()`, which must then always run.
         self._released_at_end = response.extensions.get(RELEASED_AT_END, False)
+        # An async generator over the body (httpx's transports), closed by `aclose`.
+        self._chunks: AsyncGenerator[bytes] | None = None
         if response.is_stream_consumed:  # handed over whole (a test's): httpx decoded it
-            self._chunks = _once(response.content)
+            self._next = _once(response.content)
             self._decoder = None
-        else:
-            # The transport's stream itself: `aiter_raw` adds a chunker and a context per
-            # chunk, about 3 µs for every relayed event.
-            stream = response.stream
-            assert isinstance(stream, httpx.AsyncByteStream)
-            self._chunks = aiter(stream)
-            self._decoder = _decoder(response, provider)
+            return
+        self._decoder = _decoder(response, provider)
+        # LeanTransport's body is read directly: httpx's binding and `aiter_raw` add an
+        # async generator, a chunker and a context per part, ~3 µs a relayed event.
+        stream = response.stream
+        body = getattr(stream, "_stream", stream)  # (httpx's BoundAsyncStream keeps it there)
+        if isinstance(body, LeanBody):
+            self._next = body.next_part
+            return
+        assert isinstance(stream, httpx.AsyncByteStream)
+        chunks = aiter(stream)
+        if isinstance(chunks, AsyncGenerator):
+            self._chunks = chunks
+        self._next = partial(anext, chunks, b"")
 
     async def receive(self) -> bytes:
         """The next chunk of the body (decoded), b"" only at its end; each read is bounded."""
@@ -90,7 +109,7 @@ class UpstreamResponse:
         # The transport bounds each socket read by the provider's timeout (a deadline per
         # chunk here cost a cancel scope per relayed event: 10% of a stream's CPU).
         try:
-            chunk = await anext(self._chunks, b"")
+            chunk = await self._next()
         except httpx.HTTPError as exc:
             raise translate(exc, self._provider) from None
         self._done = not chunk
@@ -121,9 +140,8 @@ class UpstreamResponse:
             scope.deadline = trio.current_time() + 1.0
             # The body's iterator first: an async generator left to the GC (a stream the
             # client walked away from) makes trio warn, and runs its cleanup too late.
-            chunks = self._chunks
-            if isinstance(chunks, AsyncGenerator):
-                await chunks.aclose()
+            if self._chunks is not None:
+                await self._chunks.aclose()
             await self._response.aclose()
 
 
@@ -198,8 +216,13 @@ class UpstreamClient:
         return UpstreamResponse(response, provider)
 
 
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
+def _once(data: bytes) -> Callable[[], Awaitable[bytes]]:
+    parts = [data, b""]
+
+    async def next_part() -> bytes:
+        return parts.pop(0) if parts else b""
+
+    return next_part
 
 
 def translate(exc: httpx.HTTPError, provider: ProviderConfig) -> UpstreamError:

@@ -1,8 +1,9 @@
-"""LeanTransport: an `httpx.AsyncBaseTransport` for direct HTTP/1.1 upstreams, h11 on trio.
+"""LeanTransport: an `httpx.AsyncBaseTransport` for direct HTTP/1.1 upstreams, on trio.
 
 Why not httpx's own transport for these: on this gateway's hot path httpcore's HTTP/1.1
 transport cost 270 µs of CPU per request against 106 µs for h11 driven directly (same
-loopback upstream, one keep-alive connection). Proxies and HTTP/2 use httpx's transport.
+loopback upstream, one keep-alive connection), and h11 itself most of that: the codec is now
+`http1`'s, chunked bodies are `chunked`'s. Proxies and HTTP/2 use httpx's transport.
 
 What it promises, as a client library must:
 - a request whose body was fully written is never sent again; one that failed while being
@@ -11,7 +12,7 @@ What it promises, as a client library must:
   left over in the parser or the socket, neither side asked to close;
 - at most `max_connections` connections per origin; more requests wait (`pool` timeout);
 - its errors are httpx's (`httpx.ConnectError`, `ReadTimeout`...), in our own words: never
-  the upstream's bytes, which may carry anything (h11's messages quote them).
+  the upstream's bytes, which may carry anything.
 """
 
 from __future__ import annotations
@@ -21,22 +22,23 @@ import math
 import select
 import ssl
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
-import h11
 import httpx
 import trio
 
 from ..deadline import Deadline
+from ..sockets import stdlib_socket
+from .chunked import ChunkedBody, ChunkedError
+from .http1 import CHUNKED, CLOSE, NONE, HeadError, ResponseHead, parse_head, request_head
+from .stalls import Stalls
 
 READ_SIZE = 64 * 1024
 # A pooled connection idle longer than this is closed rather than reused: servers close idle
 # keep-alive connections after a few seconds, and a request on a half-closed one is wasted.
 KEEPALIVE_SECONDS = 5.0
-# Response heads larger than this are a protocol error (h11's own default is 16 KiB).
-MAX_HEAD_BYTES = 64 * 1024
 
 # A response extension: the connection goes back to the pool (or is closed) as soon as the
 # body has been read to its end, so closing the response after that is not needed.
@@ -53,12 +55,13 @@ class Origin:
 
 
 class _Connection:
-    __slots__ = ("h11", "idle_since", "socket", "stream")
+    __slots__ = ("idle_since", "plain", "socket", "stream")
 
     def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType) -> None:
         self.stream = stream
         self.socket = socket
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        # Plain TCP is read from its stdlib socket directly (see `_receive`); TLS through trio.
+        self.plain = None if isinstance(stream, trio.SSLStream) else stdlib_socket(socket)
         self.idle_since = 0.0
 
     def reusable(self, now: float) -> bool:
@@ -93,8 +96,15 @@ def _tls_buffered(stream: trio.SSLStream[Any]) -> bool:
 class _Pool:
     """Connections to one origin: idle ones to reuse, and a cap on how many exist at once."""
 
-    def __init__(self, origin: Origin, ssl_context: ssl.SSLContext | None, limit: int) -> None:
+    def __init__(
+        self,
+        origin: Origin,
+        ssl_context: ssl.SSLContext | None,
+        limit: int,
+        stalls: Stalls | None = None,
+    ) -> None:
         self.origin = origin
+        self.stalls = stalls
         self._ssl_context = ssl_context
         self._idle: list[_Connection] = []
         self._limit = limit  # connections open at once, in use or idle
@@ -105,8 +115,11 @@ class _Pool:
     async def handle(self, request: httpx.Request) -> httpx.Response:
         timeouts = request.extensions.get("timeout", {})
         read_timeout = timeouts.get("read")
-        head = _head(request)
-        body = request.content
+        try:
+            data = request_head(request.method, request.url.raw_path, request.headers.raw)
+        except HeadError:
+            raise httpx.LocalProtocolError("a request header cannot be sent") from None
+        data += request.content
         connection = await self._checkout(timeouts.get("pool"), timeouts.get("connect"))
         # One cancel scope (each costs ~25k instructions) for writing the request and then
         # waiting for the response head, each step with its own deadline.
@@ -115,7 +128,7 @@ class _Pool:
         try:
             with scope:
                 try:
-                    await self._send(connection, head, body)
+                    await self._send(connection, data)
                 except httpx.WriteError:
                     if not connection.idle_since:
                         raise
@@ -127,11 +140,11 @@ class _Pool:
                         timeouts.get("pool"), timeouts.get("connect"), fresh=True
                     )
                     scope.deadline = _deadline(timeouts.get("write"))
-                    await self._send(connection, head, body)
+                    await self._send(connection, data)
                 # From here on the request was sent: whatever happens, it is never sent again.
                 sent = True
                 scope.deadline = _deadline(read_timeout)
-                response = await _read_head(connection)
+                response, rest = await _read_head(connection, request.method)
         except BaseException:
             if sent:  # (`_send` discards the connection it fails on)
                 self._discard(connection)
@@ -141,10 +154,10 @@ class _Pool:
                 raise httpx.WriteTimeout("sending the request took too long")
             self._discard(connection)
             raise httpx.ReadTimeout("the upstream sent no response in time")
-        stream = _Body(self, connection, read_timeout)
+        stream = LeanBody(self, connection, read_timeout, response, rest)
         return httpx.Response(
-            response.status_code,
-            headers=response.headers.raw_items(),  # (a list: faster for httpx to take in)
+            response.status,
+            headers=response.headers,  # (a list: faster for httpx to take in)
             stream=stream,
             extensions={
                 "http_version": b"HTTP/1.1",
@@ -214,31 +227,28 @@ class _Pool:
             raise httpx.ConnectError("cannot connect") from exc
         return _Connection(stream, tcp.socket)
 
-    async def _send(self, connection: _Connection, head: h11.Request, body: bytes) -> None:
-        """Write the request; a connection that fails it (or is cancelled in it) is discarded."""
+    async def _send(self, connection: _Connection, data: bytes) -> None:
+        """Write the request; a connection that fails it (or is cancelled in it) is discarded.
+        On plain TCP what the socket takes at once is sent without trio's layers."""
         try:
-            data = connection.h11.send(head) or b""
-            data += connection.h11.send(h11.Data(data=body)) or b""
-            data += connection.h11.send(h11.EndOfMessage()) or b""
-            await connection.stream.send_all(data)
+            sent = 0
+            if connection.plain is not None:
+                with contextlib.suppress(BlockingIOError):
+                    sent = connection.plain.send(data)
+            if sent < len(data):
+                await connection.stream.send_all(memoryview(data)[sent:])
         except BaseException as exc:
             self._discard(connection)
             if isinstance(exc, _BROKEN):
                 raise httpx.WriteError("the connection broke while sending") from exc
             raise
 
-    def checkin(self, connection: _Connection) -> None:
-        """Keep a connection whose exchange ended exactly; close any other."""
-        state = connection.h11
-        exact = (
-            state.our_state is h11.DONE
-            and state.their_state is h11.DONE
-            and state.trailing_data == (b"", False)
-        )
-        if not exact:
+    def checkin(self, connection: _Connection, reusable: bool) -> None:
+        """Keep a connection whose exchange ended exactly (`reusable`: the body ended with no
+        byte past it and the server keeps the connection); close any other."""
+        if not reusable:
             self._discard(connection)
             return
-        state.start_next_cycle()
         connection.idle_since = time.monotonic()
         self._idle.append(connection)
         self._changed.unpark()
@@ -255,38 +265,85 @@ class _Pool:
                 await trio.aclose_forcefully(connection.stream)
 
 
-class _Body(httpx.AsyncByteStream):
-    """A response body read from its connection, which goes back to the pool at its end."""
+class LeanBody(httpx.AsyncByteStream):
+    """A response body read from its connection, which goes back to the pool at its end.
 
-    def __init__(self, pool: _Pool, connection: _Connection, timeout: float | None) -> None:
+    Each read is handed on whole: every chunk (or byte) it completes, joined, so that events
+    an upstream wrote back to back are relayed with one send."""
+
+    def __init__(
+        self,
+        pool: _Pool,
+        connection: _Connection,
+        timeout: float | None,
+        head: ResponseHead,
+        start: bytes,
+    ) -> None:
         self._pool = pool
         self._connection: _Connection | None = connection
         self._timeout = timeout
+        self._keep_alive = head.keep_alive
+        self._framing = head.framing
+        self._left = head.length  # bytes still to come, for a body with a Content-Length
+        self._chunked = ChunkedBody() if head.framing == CHUNKED else None
+        self._start = start  # read past the head: where the body starts
+        if head.framing == NONE:
+            self._end(connection, start)
 
     # An iterator, not an async generator: one abandoned mid-body (a client that left) would
     # be finalized by the GC, with a warning from trio and its cleanup run too late.
-    def __aiter__(self) -> _Body:
+    def __aiter__(self) -> LeanBody:
         return self
 
     async def __anext__(self) -> bytes:
+        part = await self.next_part()
+        if not part:
+            raise StopAsyncIteration
+        return part
+
+    async def next_part(self) -> bytes:
+        """What the next read completes of the body; b"" at its end."""
         connection = self._connection
         if connection is None:
-            raise StopAsyncIteration
-        state = connection.h11
+            return b""
+        data, self._start = self._start, b""
         while True:
-            event = _next_event(state, "body")
-            if event is h11.NEED_DATA:
-                state.receive_data(await _receive(connection, self._timeout))
-                continue
-            if type(event) is h11.Data:
-                if event.data:
-                    return bytes(event.data)
-                continue
-            if type(event) is h11.EndOfMessage:
-                self._connection = None
-                self._pool.checkin(connection)
-                raise StopAsyncIteration
-            raise httpx.RemoteProtocolError("the upstream sent something else than a body")
+            if data:
+                out = self._take(connection, data)
+                if out or self._connection is None:
+                    return out
+            data = await _receive(connection, self._timeout, self._pool.stalls)
+            if not data:
+                if self._framing == CLOSE:
+                    self._end(connection, b"")
+                    return b""
+                raise httpx.RemoteProtocolError("the upstream closed the connection mid-body")
+
+    def _take(self, connection: _Connection, data: bytes) -> bytes:
+        """The body in `data` (ending it, and the exchange, when it is complete)."""
+        body = self._chunked
+        if body is not None:
+            try:
+                out = body.feed(data)
+            except ChunkedError:
+                raise httpx.RemoteProtocolError("the upstream sent a malformed body") from None
+            if body.done:
+                self._end(connection, body.trailing)
+            return out
+        if self._framing == CLOSE:
+            return data
+        left = self._left
+        if len(data) < left:
+            self._left = left - len(data)
+            return data
+        self._left = 0
+        self._end(connection, data[left:])
+        return data[:left]
+
+    def _end(self, connection: _Connection, past: bytes) -> None:
+        self._connection = None
+        reusable = self._keep_alive and self._framing != CLOSE and not past
+        self._pool.checkin(connection, reusable)
 
     async def aclose(self) -> None:
         """Called when the response is closed: a body not read to its end loses its
@@ -297,12 +354,38 @@ class _Body(httpx.AsyncByteStream):
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
-    """Direct HTTP/1.1 to upstreams: one `_Pool` per origin, at most `max_connections` each."""
+    """Direct HTTP/1.1 to upstreams: one `_Pool` per origin, at most `max_connections` each.
+
+    Used as an async context manager (httpx's client enters its transport), it owns the
+    task that bounds body reads (`Stalls`); otherwise each read gets its own deadline."""
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None, max_connections: int) -> None:
         self._ssl_context = ssl_context
         self._max_connections = max_connections
         self._pools: dict[Origin, _Pool] = {}
+        self._stalls: Stalls | None = None
+        self._tasks = AsyncExitStack()
+
+    async def __aenter__(self) -> LeanTransport:
+        nursery = await self._tasks.enter_async_context(trio.open_nursery())
+        stalls = Stalls()
+        nursery.start_soon(stalls.watch)
+        self._stalls = stalls
+        self._tasks.callback(nursery.cancel_scope.cancel)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            await self.aclose()
+        finally:
+            # Reads from now on get their own deadlines; a read waiting ends, as on a
+            # connection closed under it.
+            if self._stalls is not None:
+                self._stalls.close()
+            self._stalls = None
+            for pool in self._pools.values():
+                pool.stalls = None
+            await self._tasks.aclose()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -311,7 +394,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
         if pool is None:
             if origin.scheme == "https" and self._ssl_context is None:
                 raise httpx.ConnectError("no TLS context for an https upstream")
-            pool = self._pools[origin] = _Pool(origin, self._ssl_context, self._max_connections)
+            pool = self._pools[origin] = _Pool(
+                origin, self._ssl_context, self._max_connections, self._stalls
+            )
         return await pool.handle(request)
 
     def open_connections(self) -> int:
@@ -322,48 +407,59 @@ class LeanTransport(httpx.AsyncBaseTransport):
             await pool.aclose()
 
 
-def _head(request: httpx.Request) -> h11.Request:
-    return h11.Request(
-        method=request.method, target=request.url.raw_path, headers=request.headers.raw
-    )
+async def _receive(
+    connection: _Connection, timeout: float | None, stalls: Stalls | None = None
+) -> bytes:
+    """The next bytes from the upstream (b"" when it closed), each wait bounded by `timeout`
+    (by `stalls` when given, else by a deadline of its own).
 
-
-async def _receive(connection: _Connection, timeout: float | None) -> bytes:
+    On plain TCP, the wait comes first and then one `recv()` on the stdlib socket: trio's
+    `receive_some` tries a `recv()` first, which for a stream's next event almost always
+    fails (2 µs), then waits anyway, through 3 layers more per relayed event. Waiting first
+    costs one scheduler pass when bytes are already there, as trio's own call would."""
+    sock = connection.plain
     try:
-        with _limit(timeout):
-            data = await connection.stream.receive_some(READ_SIZE)
+        if sock is None:
+            with _limit(timeout):
+                return bytes(await connection.stream.receive_some(READ_SIZE))
+        while True:
+            if stalls is not None and timeout is not None:
+                await stalls.wait_readable(sock, timeout)
+            else:
+                with _limit(timeout):
+                    await trio.lowlevel.wait_readable(sock)
+            try:
+                return sock.recv(READ_SIZE)
+            except BlockingIOError:
+                continue
     except trio.TooSlowError:
         raise httpx.ReadTimeout("the upstream sent nothing in time") from None
     except _BROKEN as exc:
         raise httpx.ReadError("the connection broke") from exc
-    return bytes(data)
 
 
-def _next_event(state: h11.Connection, what: str) -> Any:
-    """h11's next event; its errors in our words (its messages quote the upstream's bytes)."""
-    try:
-        return state.next_event()
-    except h11.RemoteProtocolError:
-        raise httpx.RemoteProtocolError(f"the upstream sent a malformed {what}") from None
-
-
-async def _read_head(connection: _Connection) -> h11.Response:
-    """The response head (the caller bounds the wait for all of it: an upstream trickling it
-    byte by byte does not get a new deadline per read)."""
-    state = connection.h11
+async def _read_head(connection: _Connection, method: str) -> tuple[ResponseHead, bytes]:
+    """The response head and the bytes read past it (the caller bounds the wait for all of
+    it: an upstream trickling it byte by byte does not get a new deadline per read)."""
+    data = b""
     while True:
-        event = _next_event(state, "response head")
-        if event is h11.NEED_DATA:
-            data = await _receive(connection, None)
-            if not data:
+        try:
+            parsed = parse_head(data, method) if data else None
+        except HeadError:
+            raise httpx.RemoteProtocolError("the upstream sent a malformed response head") from None
+        if parsed is None:
+            more = await _receive(connection, None)
+            if not more:
                 raise httpx.RemoteProtocolError("the upstream closed the connection unanswered")
-            state.receive_data(data)
+            data += more
             continue
-        if type(event) is h11.InformationalResponse:
-            continue  # 100 Continue and friends
-        if type(event) is h11.Response:
-            return event
-        raise httpx.RemoteProtocolError("the upstream sent something else than a response")
+        head, size = parsed
+        data = data[size:]
+        if head.status == 101:
+            raise httpx.RemoteProtocolError("the upstream switched protocols unasked")
+        if head.status >= 200:
+            return head, data
+        # 100 Continue and friends: the answer follows
 
 
 _NO_LIMIT = contextlib.nullcontext()

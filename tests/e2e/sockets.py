@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import pytest
 import trio
@@ -82,10 +84,15 @@ class Connection:
     eof: bool = False
 
     @classmethod
-    async def open(cls, port: int) -> Connection:
-        return cls(await trio.open_tcp_stream("127.0.0.1", port))
+    async def open(cls, port: int, *, receive_buffer: int | None = None) -> Self:
+        """`receive_buffer`: SO_RCVBUF, set before connecting (it sets the window offered)."""
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        await sock.connect(("127.0.0.1", port))
+        return cls(trio.SocketStream(sock))
 
-    async def __aenter__(self) -> Connection:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
