@@ -13,6 +13,9 @@ sending its body; no other send holds the server's send lock. Anything else (HTT
 an HTTP/1.0 client, a body with a length) goes through the ASGI send, as does the last part
 (h11 writes the end of the body and moves on to keep-alive or close). A send the socket
 cannot take whole finishes under hypercorn's lock, shielded like hypercorn's own.
+
+`protocol_send` gives hypercorn's own writes (response heads and ends, whole answers) the
+same fast path when the socket takes them at once.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import h11
 import trio
 from h11._writers import ChunkedWriter
-from hypercorn.events import Closed
+from hypercorn.events import Closed, RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.tcp_server import TCPServer
@@ -74,34 +77,68 @@ class DirectBody:
         """Write one non-empty body part that is not the last, as far as the socket takes it
         now. None: this path cannot (nothing was written; the ASGI send must). Otherwise what
         is left to write, empty when all went; when not empty, the server's send lock is now
-        held, and `finish` must be awaited with it (taken here, before any other task can
-        run, as hypercorn's `protocol_send` takes it)."""
-        lock = self._server.send_lock
+        held, and `finish` must be awaited with it."""
         if (
-            lock.locked()
+            self._server.send_lock.locked()
             or self._h11.our_state is not _SEND_BODY
             or self._http.state is not _RESPONSE
         ):
             return None
-        framed = b"%x\r\n%b\r\n" % (len(data), data)
-        try:
-            sent = self._socket.send(framed)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return None  # the ASGI send meets it too, and hypercorn closes the connection
-        rest = memoryview(framed)[sent:]
-        if rest:
-            lock.acquire_nowait()
-        return rest
+        return _write_now(self._server, self._socket, b"%x\r\n%b\r\n" % (len(data), data))
 
     async def finish(self, rest: memoryview) -> None:
-        """The rest of a part the client is reading slower than we write, under the lock
-        `write` took, shielded as hypercorn's own send is."""
-        try:
-            with trio.CancelScope(shield=True):
-                await self._server.stream.send_all(rest)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._server.protocol.handle(Closed())
-        finally:
-            self._server.send_lock.release()
+        await _finish(self._server, rest)
+
+
+def _write_now(server: Any, sock: socket.socket, data: bytes) -> memoryview | None:
+    """`data` written as far as the socket takes it now, with the send lock free: what is
+    left (the lock then held: taken before any other task can run, as hypercorn's
+    `protocol_send` takes it), or None when the socket failed (nothing was written)."""
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        return None
+    rest = memoryview(data)[sent:]
+    if rest:
+        server.send_lock.acquire_nowait()
+    return rest
+
+
+async def _finish(server: Any, rest: memoryview) -> None:
+    """The rest of a write the client reads slower than we send, under the lock `_write_now`
+    took, shielded and with its errors handled as in hypercorn's own `protocol_send`."""
+    try:
+        with trio.CancelScope(shield=True):
+            await server.stream.send_all(rest)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await server.protocol.handle(Closed())
+    finally:
+        server.send_lock.release()
+
+
+_hypercorn_protocol_send = TCPServer.protocol_send
+
+
+async def protocol_send(self: Any, event: Any) -> None:
+    """hypercorn's `TCPServer.protocol_send` (every response head and end, and whole
+    non-streamed answers, pass here), with the same fast path for bytes on plain TCP: what
+    the socket takes at once is written without trio's Lock (a scheduler pass), a shielded
+    cancel scope and `send_all`'s layers (another pass). Installed by `hypercorn_fixes`."""
+    if type(event) is RawData and not self.send_lock.locked():
+        stream = self.stream
+        sock = stdlib_socket(stream.socket) if type(stream) is trio.SocketStream else None
+        if sock is not None:
+            rest = _write_now(self, sock, event.data) if event.data else memoryview(b"")
+            if rest is None:  # broken: as hypercorn's send would find it
+                await self.protocol.handle(Closed())
+            elif rest:
+                await _finish(self, rest)
+            else:
+                # One scheduler pass, as hypercorn's send makes at least: its protocol code
+                # counts on other tasks running there (an error answer's close did not happen
+                # without it).
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+    await _hypercorn_protocol_send(self, event)
