@@ -200,6 +200,20 @@ def headroom(results: dict[str, Any]) -> dict[str, Any]:
     return {"ratios": ratios}
 
 
+def trio_floor() -> dict[str, float]:
+    """bench/trio_floor.py in a process of its own (it forks): what a bare trio relay costs
+    per paced event on this machine now, for issue 14's figure."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "trio_floor.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    floor: dict[str, float] = json.loads(done.stdout)
+    return floor
+
+
 def main() -> int:
     args = parse_args()
     # A SIGTERM unwinds like Ctrl-C, so every `finally` stops the processes it started.
@@ -255,6 +269,7 @@ def main() -> int:
         "runs": [],
         "single": [],
         "startup": [],
+        "trio_floor": [],
     }
     per_round = sum(len([s for s in scenarios if s.runs_on(n)]) + 1 for n in names)
     progress = Progress(args.rounds * per_round)
@@ -263,6 +278,7 @@ def main() -> int:
             round_dir = workdir / f"round{number}"
             round_dir.mkdir()
             rnd = Round(number, scenarios, d, bodies, results, progress)
+            results["trio_floor"].append(trio_floor())
             run_round(names, round_dir, args.mock_procs, rnd)
         results["headroom"] = headroom(results)
         if not args.no_audit:
