@@ -71,29 +71,40 @@ class StreamTiming:
     ok: bool  # a 200 that ended with [DONE]
 
 
-def time_stream(conn: http.client.HTTPConnection, request: Request) -> StreamTiming:
-    """Send one streaming request on a kept-alive connection and time its events."""
+def chat_ended(last_data: bytes) -> bool:
+    """Whether a chat stream's last `data:` line is its end."""
+    return b"[DONE]" in last_data
+
+
+def time_stream(
+    conn: http.client.HTTPConnection,
+    request: Request,
+    ended: Callable[[bytes], bool] = chat_ended,
+) -> StreamTiming:
+    """Send one streaming request on a kept-alive connection and time its events; it is good
+    when it answered 200 and `ended` says its last `data:` line ends it."""
     headers = {"Content-Type": "application/json", **request.headers}
     start = time.perf_counter()
     conn.request("POST", request.path, body=request.body, headers=headers)
     response = conn.getresponse()
     first = None
     seen = b""
-    while True:
-        line = response.readline()
-        if not line:
-            break
-        if first is None and line.startswith(b"data:"):
-            first = time.perf_counter() - start
+    while line := response.readline():
         if line.startswith(b"data:"):
+            first = time.perf_counter() - start if first is None else first
             seen = line
     end = time.perf_counter() - start
-    ok = response.status == 200 and b"[DONE]" in seen
+    ok = response.status == 200 and ended(seen)
     return StreamTiming(end if first is None else first, end, ok)
 
 
 def probe_streams(
-    request: Request, *, count: int, until: float | None = None, timeout: float = 30.0
+    request: Request,
+    *,
+    count: int,
+    until: float | None = None,
+    timeout: float = 30.0,
+    ended: Callable[[bytes], bool] = chat_ended,
 ) -> list[StreamTiming]:
     """Up to `count` streams one after another (stopping at perf_counter `until`, if given)."""
     timings: list[StreamTiming] = []
@@ -101,7 +112,7 @@ def probe_streams(
     try:
         while len(timings) < count and (until is None or time.perf_counter() < until):
             try:
-                timings.append(time_stream(conn, request))
+                timings.append(time_stream(conn, request, ended))
             except (OSError, http.client.HTTPException):
                 timings.append(StreamTiming(timeout, timeout, False))
                 conn.close()

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from http_probe import Request, StreamTiming, probe_streams, send
+from http_probe import Request, StreamTiming, chat_ended, probe_streams, send
 from procs import RssSampler, cpu_seconds, group_pids, wait_idle
 from scenarios import Scenario
 from targets import Running
@@ -41,54 +41,26 @@ def _ms(values: list[float], q: float) -> float | None:
     return round(percentile(values, q) * 1000, 3) if values else None
 
 
-def _ended(api: str, last_data: bytes) -> bool:
-    """Whether the last `data:` line of a stream of `api` is the one a complete stream ends
-    with."""
+def _ended(api: str) -> Callable[[bytes], bool]:
+    """How the last `data:` line of a stream of `api` shows that the stream is complete."""
     if api not in LAST_EVENT:
-        return b"[DONE]" in last_data
-    try:
-        event = json.loads(last_data[len(b"data:") :])
-    except ValueError:
-        return False
-    return isinstance(event, dict) and event.get("type") == LAST_EVENT[api]
+        return chat_ended
 
+    def ended(last_data: bytes) -> bool:
+        try:
+            event = json.loads(last_data[len(b"data:") :])
+        except ValueError:
+            return False
+        return isinstance(event, dict) and event.get("type") == LAST_EVENT[api]
 
-def _time_stream(conn: http.client.HTTPConnection, request: Request, api: str) -> StreamTiming:
-    """http_probe.time_stream for streams that end with a named event, not `[DONE]`."""
-    headers = {"Content-Type": "application/json", **request.headers}
-    start = time.perf_counter()
-    conn.request("POST", request.path, body=request.body, headers=headers)
-    response = conn.getresponse()
-    first = None
-    last = b""
-    while line := response.readline():
-        if line.startswith(b"data:"):
-            first = time.perf_counter() - start if first is None else first
-            last = line
-    end = time.perf_counter() - start
-    ok = response.status == 200 and _ended(api, last)
-    return StreamTiming(end if first is None else first, end, ok)
+    return ended
 
 
 def stream_probe(
     request: Request, api: str, *, count: int, until: float | None = None, timeout: float = 30.0
 ) -> list[StreamTiming]:
-    """http_probe.probe_streams (chat's streams) for the streams of any API."""
-    if api not in LAST_EVENT:
-        return probe_streams(request, count=count, until=until, timeout=timeout)
-    timings: list[StreamTiming] = []
-    conn = http.client.HTTPConnection("127.0.0.1", request.port, timeout=timeout)
-    try:
-        while len(timings) < count and (until is None or time.perf_counter() < until):
-            try:
-                timings.append(_time_stream(conn, request, api))
-            except (OSError, http.client.HTTPException):
-                timings.append(StreamTiming(timeout, timeout, False))
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", request.port, timeout=timeout)
-    finally:
-        conn.close()
-    return timings
+    """http_probe.probe_streams for the streams of any API."""
+    return probe_streams(request, count=count, until=until, timeout=timeout, ended=_ended(api))
 
 
 def _reply_problem(api: str, body: bytes) -> str | None:

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import targets
@@ -109,12 +110,18 @@ def group_of(stack: list[tuple[str, str]]) -> str:
 RELAY = ("relay", "crabtrio/stream.py")  # the per-event loop: everything under it is per event
 
 
-def summarise(raw: str) -> tuple[int, int, collections.Counter[str], collections.Counter[str]]:
-    """Total samples, idle thread samples left out, samples by group and by leaf frame (and
-    under "(relay)" in the frames, the samples inside the per-event loop)."""
-    total = idle = 0
-    by_group: collections.Counter[str] = collections.Counter()
-    by_frame: collections.Counter[str] = collections.Counter()
+@dataclass
+class Samples:
+    total: int = 0
+    idle: int = 0  # of idle worker threads, left out
+    in_relay: int = 0  # inside the per-event loop
+    by_group: collections.Counter[str] = field(default_factory=collections.Counter)
+    by_frame: collections.Counter[str] = field(default_factory=collections.Counter)  # leaf
+
+
+def summarise(raw: str) -> Samples:
+    """py-spy's collapsed stacks, counted."""
+    out = Samples()
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -122,15 +129,15 @@ def summarise(raw: str) -> tuple[int, int, collections.Counter[str], collections
         parsed = [f for f in frames(stack) if not f[0].startswith("process ")]
         n = int(count)
         if not parsed or parsed[-1][0] == IDLE_THREAD:
-            idle += n
+            out.idle += n
             continue
-        total += n
-        by_group[group_of(parsed)] += n
+        out.total += n
+        out.by_group[group_of(parsed)] += n
         func, leaf = parsed[-1]
-        by_frame[f"{func} ({leaf})"] += n
+        out.by_frame[f"{func} ({leaf})"] += n
         if RELAY in parsed:
-            by_frame["(relay)"] += n
-    return total, idle, by_group, by_frame
+            out.in_relay += n
+    return out
 
 
 def worker_pid(group: int) -> int:
@@ -252,8 +259,13 @@ def render(
     upstream_conns: int,
     windows: list[tuple[str, float, float, int]],
 ) -> str:
-    total, idle, by_group, by_frame = summarise(raw)
-    in_relay = by_frame.pop("(relay)", 0)
+    samples = summarise(raw)
+    total, idle, by_group, by_frame = (
+        samples.total,
+        samples.idle,
+        samples.by_group,
+        samples.by_frame,
+    )
     spy_shown = " ".join(["py-spy", spy[1], "--pid", "WORKER_PID", *spy[4:-1], "out.txt"])
     lines = [
         "# Where a paced stream event's CPU goes (crabtrio, one worker)",
@@ -276,7 +288,7 @@ def render(
         lines.append(
             f"| {label} | {seconds:.0f} | {cpu:.2f} | {events:,} | {per} | {cpu / seconds:.0%} |"
         )
-    share = in_relay / total if total else 0.0
+    share = samples.in_relay / total if total else 0.0
     plain = windows[0]
     relay_us = share * plain[2] / plain[3] * 1e6 if plain[3] else 0.0
     lines += [

@@ -13,9 +13,6 @@ sending its body; no other send holds the server's send lock. Anything else (HTT
 an HTTP/1.0 client, a body with a length) goes through the ASGI send, as does the last part
 (h11 writes the end of the body and moves on to keep-alive or close). A send the socket
 cannot take whole finishes under hypercorn's lock, shielded like hypercorn's own.
-
-`protocol_send` gives hypercorn's own writes (response heads and ends, whole answers) the
-same fast path when the socket takes them at once.
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ from typing import Any
 import h11
 import trio
 from h11._writers import ChunkedWriter
-from hypercorn.events import Closed, RawData
+from hypercorn.events import Closed
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.tcp_server import TCPServer
@@ -64,14 +61,12 @@ class DirectBody:
         if type(stream) is not trio.SocketStream:
             return None
         connection = protocol.connection
-        sock = stdlib_socket(stream.socket)
         if not isinstance(connection, h11.Connection):  # (a WebSocket's, in hypercorn's types)
             return None
         if type(getattr(connection, "_writer", None)) is not ChunkedWriter:
             return None
-        if sock is None:
-            return None
-        return cls(http, connection, server, sock)
+        sock = stdlib_socket(stream.socket)
+        return None if sock is None else cls(http, connection, server, sock)
 
     def write(self, data: bytes) -> memoryview | None:
         """Write one non-empty body part that is not the last, as far as the socket takes it
@@ -116,29 +111,3 @@ async def _finish(server: Any, rest: memoryview) -> None:
         await server.protocol.handle(Closed())
     finally:
         server.send_lock.release()
-
-
-_hypercorn_protocol_send = TCPServer.protocol_send
-
-
-async def protocol_send(self: Any, event: Any) -> None:
-    """hypercorn's `TCPServer.protocol_send` (every response head and end, and whole
-    non-streamed answers, pass here), with the same fast path for bytes on plain TCP: what
-    the socket takes at once is written without trio's Lock (a scheduler pass), a shielded
-    cancel scope and `send_all`'s layers (another pass). Installed by `hypercorn_fixes`."""
-    if type(event) is RawData and not self.send_lock.locked():
-        stream = self.stream
-        sock = stdlib_socket(stream.socket) if type(stream) is trio.SocketStream else None
-        if sock is not None:
-            rest = _write_now(self, sock, event.data) if event.data else memoryview(b"")
-            if rest is None:  # broken: as hypercorn's send would find it
-                await self.protocol.handle(Closed())
-            elif rest:
-                await _finish(self, rest)
-            else:
-                # One scheduler pass, as hypercorn's send makes at least: its protocol code
-                # counts on other tasks running there (an error answer's close did not happen
-                # without it).
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            return
-    await _hypercorn_protocol_send(self, event)

@@ -20,7 +20,6 @@ log = logging.getLogger("crabtrio")
 # Keys this layer puts in the ASGI scope for the routes.
 REQUEST_ID = "crabtrio.request_id"
 STARTED = "crabtrio.started"
-SEND_PART = "crabtrio.send_part"  # Exchange.send_part: a streamed body's parts, fast
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -79,43 +78,35 @@ class Exchange:
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
+        direct: DirectBody | None = None
+        rest: memoryview | None = None  # what a direct write left to finish
         if kind == "http.response.start":
             message["headers"] = [*message["headers"], *self._start_headers]
-        elif kind == "http.response.body" and not message.get("more_body", False):
-            self.final = True
+        elif kind == "http.response.body":
+            if not message.get("more_body", False):
+                self.final = True
+            elif message.get("body") and (direct := self._direct_body()) is not None:
+                # A part in the middle of a streamed body: straight to the socket where
+                # that is what hypercorn would write (body_writer.py).
+                rest = direct.write(message["body"])
+                if rest is not None and not rest:
+                    return  # all written, nothing awaited: no disconnect to hold back
         self._sending = True
         try:
-            await self._send(message)
+            if direct is not None and rest:
+                await direct.finish(rest)
+            else:
+                await self._send(message)
         finally:
-            self._sent_now()
+            self._sending = False
+            if self._sent is not None:
+                self._sent.set()
+                self._sent = None
 
-    async def send_part(self, data: bytes) -> None:
-        """One non-empty part of a started streamed body, not the last: written straight to
-        the socket where `DirectBody` can, else as an ASGI message."""
-        direct = self._direct
-        if direct is None:
-            direct = self._direct = DirectBody.of(self._send) or False
-        if direct:
-            rest = direct.write(data)
-            if rest is not None:
-                if rest:  # (no await otherwise: nothing to wait for, and no disconnect between)
-                    self._sending = True
-                    try:
-                        await direct.finish(rest)
-                    finally:
-                        self._sent_now()
-                return
-        self._sending = True
-        try:
-            await self._send({"type": "http.response.body", "body": data, "more_body": True})
-        finally:
-            self._sent_now()
-
-    def _sent_now(self) -> None:
-        self._sending = False
-        if self._sent is not None:
-            self._sent.set()
-            self._sent = None
+    def _direct_body(self) -> DirectBody | None:
+        if self._direct is None:  # looked for once, at the first part
+            self._direct = DirectBody.of(self._send) or False
+        return self._direct or None
 
     async def receive(self) -> Message:
         message = await self._receive()
@@ -162,7 +153,6 @@ class RequestDispatch:
                 (b"vary", b"origin"),
             ]
         exchange = Exchange(receive, send, extra)
-        scope[SEND_PART] = exchange.send_part
         if "//" in path:  # werkzeug would serve `//v1/models` as /v1/models, or redirect
             body = error_body(404, "no such route", "invalid_request_error", "not_found")
             await send_json(exchange.send, 404, body)

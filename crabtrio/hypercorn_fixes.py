@@ -20,15 +20,12 @@
    hypercorn's own error responses (`H11Protocol._send_error_response`: 400 framing, 431
    headers too large, 501 transfer coding) get an OpenAI-shaped JSON body instead of none.
 
-And two costs, in the trio worker (py-spy, bench/figures/stream-profile.md):
+And one cost, in the trio worker (py-spy, bench/figures/stream-profile.md):
 
 4. every keep-alive connection's idle timer (`TrioSingleTask`, stopped when a request arrives
    and restarted when its response ends) took a lock and `nursery.start` on each restart:
    four scheduler passes and ~5% of a paced stream's CPU. `_IdleTimer` does the same with its
    own cancel scope and `start_soon`, with no pass.
-5. every write (`TCPServer.protocol_send`) took a trio Lock, a shielded cancel scope and
-   `send_all`: two scheduler passes per response head, body and end.
-   `body_writer.protocol_send` writes what the socket takes at once directly.
 """
 
 from __future__ import annotations
@@ -48,7 +45,6 @@ from hypercorn.trio import tcp_server
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import TrioSingleTask
 
-from . import body_writer
 from .errors import error_body
 
 # pyproject's range for hypercorn; the patched code was read on 0.18.0.
@@ -61,7 +57,6 @@ _USED = (
     (H11Protocol, "__init__", None),  # wrapped with *args, **kwargs: any signature will do
     (H11Protocol, "_send_error_response", ["self", "status_code"]),
     (TCPServer, "run", ["self"]),
-    (TCPServer, "protocol_send", ["self", "event"]),
     (TrioSingleTask, "restart", ["self", "task_group", "action"]),
     (TrioSingleTask, "stop", ["self"]),
 )
@@ -216,5 +211,4 @@ def install() -> None:
     setattr(H11Protocol, "__init__", _h11_init)  # noqa: B010
     setattr(H11Protocol, "_send_error_response", _h11_send_error_response)  # noqa: B010
     setattr(tcp_server, "TrioSingleTask", _IdleTimer)  # noqa: B010
-    setattr(TCPServer, "protocol_send", body_writer.protocol_send)  # noqa: B010
     _installed = True

@@ -12,7 +12,6 @@ Every other route is a Quart route.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -26,7 +25,6 @@ from .config import KeyConfig, ProviderConfig
 from .deadline import Deadline
 from .dispatch import (
     REQUEST_ID,
-    SEND_PART,
     STARTED,
     Receive,
     Scope,
@@ -60,21 +58,6 @@ _SSE = [
 ]
 
 
-SendPart = Callable[[bytes], Awaitable[None]]
-
-
-def _parts(scope: Scope, send: Send) -> SendPart:
-    """How a streamed body's parts are sent: `Exchange.send_part` under RequestDispatch."""
-    found: SendPart | None = scope.get(SEND_PART)
-    if found is not None:
-        return found
-
-    async def send_part(data: bytes) -> None:
-        await send({"type": "http.response.body", "body": data, "more_body": True})
-
-    return send_part
-
-
 class _ClientGone(Exception):
     """The client disconnected before its request body was complete."""
 
@@ -101,7 +84,6 @@ async def serve(svc: Services, api: Api, scope: Scope, receive: Receive, send: S
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.watch, nursery.cancel_scope)
             try:
-                request.send_part = _parts(scope, send)
                 await _forward(svc, api, send, pending, request)
             except Exception:
                 log.exception("crabtrio: unexpected error on %s", scope["path"])
@@ -156,11 +138,10 @@ class _Client:
 
 
 class _Request:
-    __slots__ = ("body", "headers", "plan", "send_part", "upstream_headers")
+    __slots__ = ("body", "headers", "plan", "upstream_headers")
 
     def __init__(self, body: dict[str, Any], plan: list[ProviderConfig]) -> None:
         self.body, self.plan = body, plan
-        self.send_part: SendPart | None = None  # for a stream's parts (`_parts`)
         self.headers: list[tuple[bytes, bytes]] = []  # for the response (x-ratelimit-*)
         self.upstream_headers: list[tuple[str, str]] = []  # the client's, passed on
 
@@ -294,8 +275,6 @@ async def _stream(
     svc: Services, api: Api, send: Send, pending: PendingRecord, request: _Request
 ) -> None:
     body = request.body
-    send_part = request.send_part
-    assert send_part is not None  # (set by `serve` before forwarding)
     watcher: Events
     if api is apis.CHAT:
         options = body.get("stream_options")
@@ -314,6 +293,10 @@ async def _stream(
         pending.set_provider,
         request.upstream_headers,
     )
+
+    async def send_part(data: bytes) -> None:
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+
     try:
         headers = [*_SSE, *request.headers]
         await send({"type": "http.response.start", "status": 200, "headers": headers})

@@ -110,6 +110,11 @@ def _fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
     return headers
 
 
+def _items(value: bytes) -> list[bytes]:
+    """A comma-separated header value's items, without their whitespace."""
+    return [item.strip(b" \t") for item in value.split(b",")]
+
+
 def _framed(
     version: bytes, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], method: str
 ) -> ResponseHead:
@@ -118,13 +123,11 @@ def _framed(
     close = version == b"1.0"
     for name, value in headers:
         if name == b"content-length":
-            lengths.extend(part.strip(b" \t") for part in value.split(b","))
+            lengths.extend(_items(value))
         elif name == b"transfer-encoding":
-            codings.extend(part.strip(b" \t").lower() for part in value.split(b","))
+            codings.extend(item.lower() for item in _items(value))
         elif name == b"connection":
-            close = close or any(
-                part.strip(b" \t").lower() == b"close" for part in value.split(b",")
-            )
+            close = close or any(item.lower() == b"close" for item in _items(value))
     head = ResponseHead(status, reason, headers, NONE, 0, not close)
     if codings:
         if codings != [b"chunked"]:

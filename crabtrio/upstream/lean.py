@@ -101,7 +101,7 @@ class _Pool:
         origin: Origin,
         ssl_context: ssl.SSLContext | None,
         limit: int,
-        stalls: Stalls | None = None,
+        stalls: Stalls,
     ) -> None:
         self.origin = origin
         self.stalls = stalls
@@ -363,14 +363,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._ssl_context = ssl_context
         self._max_connections = max_connections
         self._pools: dict[Origin, _Pool] = {}
-        self._stalls: Stalls | None = None
+        self._stalls = Stalls()
         self._tasks = AsyncExitStack()
 
     async def __aenter__(self) -> LeanTransport:
         nursery = await self._tasks.enter_async_context(trio.open_nursery())
-        stalls = Stalls()
-        nursery.start_soon(stalls.watch)
-        self._stalls = stalls
+        nursery.start_soon(self._stalls.watch)
         self._tasks.callback(nursery.cancel_scope.cancel)
         return self
 
@@ -378,13 +376,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         try:
             await self.aclose()
         finally:
-            # Reads from now on get their own deadlines; a read waiting ends, as on a
-            # connection closed under it.
-            if self._stalls is not None:
-                self._stalls.close()
-            self._stalls = None
-            for pool in self._pools.values():
-                pool.stalls = None
+            self._stalls.close()
             await self._tasks.aclose()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -411,7 +403,7 @@ async def _receive(
     connection: _Connection, timeout: float | None, stalls: Stalls | None = None
 ) -> bytes:
     """The next bytes from the upstream (b"" when it closed), each wait bounded by `timeout`
-    (by `stalls` when given, else by a deadline of its own).
+    (through `stalls` when given).
 
     On plain TCP, the wait comes first and then one `recv()` on the stdlib socket: trio's
     `receive_some` tries a `recv()` first, which for a stream's next event almost always

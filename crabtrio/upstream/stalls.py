@@ -9,7 +9,8 @@ waiter reports as `trio.TooSlowError`. Its connection is never read again: the t
 response is dropped and the connection closed with it.
 
 A stalled wait thus ends between `timeout` and `timeout + tick` after it began; the tick is a
-tenth of the shortest timeout seen, within [10 ms, 1 s].
+tenth of the shortest timeout seen, within [10 ms, 1 s]. While no watcher runs (before its
+owner starts it, after `close`), each wait has a deadline of its own.
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ import socket
 
 import trio
 
+from ..deadline import Deadline
+
 MIN_TICK = 0.01
 MAX_TICK = 1.0
 _EXPIRED = -math.inf  # a wait's deadline once the watcher has woken it
 
 
 class Stalls:
-    __slots__ = ("_idle", "_nap", "_tick", "_waits")
+    __slots__ = ("_idle", "_nap", "_tick", "_waits", "_watching")
 
     def __init__(self) -> None:
+        self._watching = False  # `watch` runs
         self._waits: dict[socket.socket, float] = {}
         self._tick = MAX_TICK
         self._idle: trio.Event | None = None  # set by the first wait while nothing waits
@@ -35,6 +39,10 @@ class Stalls:
 
     async def wait_readable(self, sock: socket.socket, timeout: float) -> None:
         """`trio.lowlevel.wait_readable`, or `trio.TooSlowError` after `timeout`."""
+        if not self._watching:
+            with Deadline(timeout):
+                await trio.lowlevel.wait_readable(sock)
+            return
         waits = self._waits
         waits[sock] = trio.current_time() + timeout
         if timeout < self._tick * 10 and self._tick > MIN_TICK:
@@ -54,8 +62,10 @@ class Stalls:
             raise trio.TooSlowError
 
     def close(self) -> None:
-        """Wake every wait (as a closed connection: `trio.ClosedResourceError`), for an owner
-        that stops `watch`; their connections are not read again."""
+        """For an owner that stops `watch`: every wait is woken (as a closed connection:
+        `trio.ClosedResourceError`; their connections are not read again), and later ones
+        get deadlines of their own."""
+        self._watching = False
         for sock in list(self._waits):
             trio.lowlevel.notify_closing(sock)
 
@@ -63,16 +73,20 @@ class Stalls:
         """Wake the waits past their deadline, every tick while any wait (runs until
         cancelled, in the nursery of the transport that owns this)."""
         waits = self._waits
-        while True:
-            if not waits:
-                self._idle = trio.Event()
-                await self._idle.wait()
-                self._idle = None
-            with trio.CancelScope(deadline=trio.current_time() + self._tick) as self._nap:
-                await trio.sleep_forever()
-            self._nap = None
-            now = trio.current_time()
-            for sock, deadline in list(waits.items()):
-                if deadline <= now and deadline != _EXPIRED:
-                    waits[sock] = _EXPIRED
-                    trio.lowlevel.notify_closing(sock)
+        self._watching = True
+        try:
+            while True:
+                if not waits:
+                    self._idle = trio.Event()
+                    await self._idle.wait()
+                    self._idle = None
+                with trio.CancelScope(deadline=trio.current_time() + self._tick) as self._nap:
+                    await trio.sleep_forever()
+                self._nap = None
+                now = trio.current_time()
+                for sock, deadline in list(waits.items()):
+                    if deadline <= now and deadline != _EXPIRED:
+                        waits[sock] = _EXPIRED
+                        trio.lowlevel.notify_closing(sock)
+        finally:
+            self.close()  # (also when it dies: no wait is left unbounded)
