@@ -78,24 +78,23 @@ class Exchange:
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
-        direct: DirectBody | None = None
-        rest: memoryview | None = None  # what a direct write left to finish
+        direct = self._direct_body()  # the path straight to the socket (body_writer.py)
+        rest: memoryview | None = None  # what a direct write of a middle part left to finish
         if kind == "http.response.start":
             message["headers"] = [*message["headers"], *self._start_headers]
         elif kind == "http.response.body":
             if not message.get("more_body", False):
                 self.final = True
-            elif message.get("body") and (direct := self._direct_body()) is not None:
-                # A part in the middle of a streamed body: straight to the socket where
-                # that is what hypercorn would write (body_writer.py).
+            elif direct is not None and message.get("body"):
                 rest = direct.write(message["body"])
                 if rest is not None and not rest:
                     return  # all written, nothing awaited: no disconnect to hold back
         self._sending = True
         try:
-            if direct is not None and rest:
+            if rest:
+                assert direct is not None
                 await direct.finish(rest)
-            else:
+            elif direct is None or not await _direct_send(direct, kind, message, self.final):
                 await self._send(message)
         finally:
             self._sending = False
@@ -104,7 +103,7 @@ class Exchange:
                 self._sent = None
 
     def _direct_body(self) -> DirectBody | None:
-        if self._direct is None:  # looked for once, at the first part
+        if self._direct is None:  # looked for once, at the first send
             self._direct = DirectBody.of(self._send) or False
         return self._direct or None
 
@@ -120,6 +119,16 @@ class Exchange:
             if self.final:
                 await trio.sleep_forever()  # the caller is cancelled when its work ends
         return message
+
+
+async def _direct_send(direct: DirectBody, kind: str, message: Message, final: bool) -> bool:
+    """A response's head, or its last part and end, sent by the direct path; False where it
+    cannot (nothing was sent)."""
+    if kind == "http.response.start":
+        return await direct.start(message)
+    if kind == "http.response.body" and final:
+        return await direct.end(message.get("body", b""))
+    return False
 
 
 class RequestDispatch:

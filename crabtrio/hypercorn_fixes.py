@@ -23,14 +23,18 @@
 And one cost, in the trio worker (py-spy, bench/figures/stream-profile.md):
 
 4. every keep-alive connection's idle timer (`TrioSingleTask`, stopped when a request arrives
-   and restarted when its response ends) took a lock and `nursery.start` on each restart:
-   four scheduler passes and ~5% of a paced stream's CPU. `_IdleTimer` does the same with its
-   own cancel scope and `start_soon`, with no pass.
+   and restarted when its response ends) took a lock, a `nursery.start` and a cancellation on
+   each request: about 7% of a paced stream's CPU. `_IdleTimer` is one task for the
+   connection's life instead, under one cancel scope whose deadline a request sets to never
+   and a response's end to `keep_alive_timeout` from now: no task, lock or cancellation per
+   request. It ends when the connection's read loop does, so a connection the client closed no
+   longer lingers until its idle timeout.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Awaitable, Callable, Iterable
 from importlib.metadata import version
 from typing import Any
@@ -57,6 +61,9 @@ _USED = (
     (H11Protocol, "__init__", None),  # wrapped with *args, **kwargs: any signature will do
     (H11Protocol, "_send_error_response", ["self", "status_code"]),
     (TCPServer, "run", ["self"]),
+    (TCPServer, "_read_data", ["self"]),
+    (TCPServer, "_idle_timeout", ["self"]),
+    (TCPServer, "_initiate_server_close", ["self"]),
     (TrioSingleTask, "restart", ["self", "task_group", "action"]),
     (TrioSingleTask, "stop", ["self"]),
 )
@@ -85,6 +92,7 @@ _check_shape()
 _original_h2_handle_events = H2Protocol._handle_events
 _original_h11_init = H11Protocol.__init__
 _original_tcp_run = TCPServer.run
+_original_read_data = TCPServer._read_data
 
 # The answers hypercorn gives itself when h11 rejects a request (`error_status_hint`). Our own
 # words: h11's messages quote the offending bytes.
@@ -171,30 +179,54 @@ async def _h11_send_error_response(self: Any, status_code: int) -> None:
 
 
 class _IdleTimer:
-    """hypercorn's `TrioSingleTask` (one task at a time, replaced on restart) without its
-    lock and `nursery.start`: the task's cancel scope is made here, so a `stop()` before the
-    task has even begun still ends it (at its first checkpoint)."""
+    """hypercorn's idle timer (`TrioSingleTask` running `TCPServer._idle_timeout`): the
+    connection is closed once it has been idle for `keep_alive_timeout`, or at once when the
+    server shuts down while it is idle. One task per connection, started by the first
+    `restart`; `stop` (a request arrived) and `restart` (its response ended) only move the
+    deadline of the task's cancel scope."""
 
-    __slots__ = ("_scope",)
+    __slots__ = ("_scope", "ended")
 
     def __init__(self) -> None:
         self._scope: trio.CancelScope | None = None
+        self.ended = False  # the connection's read loop is over: nothing left to close
 
     async def restart(self, task_group: Any, action: Callable[[], Awaitable[None]]) -> None:
-        if self._scope is not None:
-            self._scope.cancel()
-        scope = self._scope = trio.CancelScope()
-        task_group._nursery.start_soon(_run_within, scope, action)
+        server = action.__self__  # type: ignore[attr-defined]  # TCPServer._idle_timeout
+        deadline = trio.current_time() + server.config.keep_alive_timeout
+        if self._scope is None:
+            self._scope = trio.CancelScope(deadline=deadline)
+            task_group._nursery.start_soon(_close_when_idle, self, self._scope, server)
+        else:
+            self._scope.deadline = deadline
 
     async def stop(self) -> None:
         if self._scope is not None:
+            self._scope.deadline = math.inf
+
+    def end(self) -> None:
+        self.ended = True
+        if self._scope is not None:
             self._scope.cancel()
-            self._scope = None
 
 
-async def _run_within(scope: trio.CancelScope, action: Callable[[], Awaitable[None]]) -> None:
+async def _close_when_idle(timer: _IdleTimer, scope: trio.CancelScope, server: Any) -> None:
     with scope:
-        await action()
+        await server.context.terminated.wait()
+        if scope.deadline == math.inf:
+            # Shut down mid-request: hypercorn closes the connection after the response
+            # (`_maybe_recycle`), which ends the read loop and so this task.
+            await trio.sleep_forever()
+    if not timer.ended:
+        with trio.CancelScope(shield=True):
+            await server._initiate_server_close()
+
+
+async def _read_data(self: Any) -> None:
+    try:
+        await _original_read_data(self)
+    finally:
+        self.idle_task.end()
 
 
 _installed = False
@@ -210,5 +242,6 @@ def install() -> None:
     setattr(TCPServer, "run", _tcp_run)  # noqa: B010
     setattr(H11Protocol, "__init__", _h11_init)  # noqa: B010
     setattr(H11Protocol, "_send_error_response", _h11_send_error_response)  # noqa: B010
+    setattr(TCPServer, "_read_data", _read_data)  # noqa: B010
     setattr(tcp_server, "TrioSingleTask", _IdleTimer)  # noqa: B010
     _installed = True

@@ -4,9 +4,10 @@
 
 It is `crabtrio:app` unchanged (same handlers, same hypercorn `send` underneath: the probe never
 wraps `send` or `receive`), plus `GET /_probe/direct`, which answers how often, in this worker,
-`DirectBody.of` found a direct path (`found`) or none (`none`), how many parts its `write` wrote
-(`written`) or handed back to the ASGI send (`declined`), and how many of the written parts the
-socket could not take whole, so that they were finished under hypercorn's send lock (`finished`).
+`DirectBody.of` found a direct path (`found`) or none (`none`), how many heads its `start` sent
+(`heads`), how many parts its `write` wrote (`written`) or handed back to the ASGI send
+(`declined`), how many bodies its `end` ended (`ends`), and how many writes the socket could not
+take whole, so that they were finished under hypercorn's send lock (`finished`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import orjson
 import crabtrio
 from crabtrio.body_writer import DirectBody
 
-COUNTS = {"found": 0, "none": 0, "written": 0, "declined": 0, "finished": 0}
+COUNTS = {"found": 0, "none": 0, "heads": 0, "written": 0, "declined": 0, "ends": 0, "finished": 0}
 _of = DirectBody.of.__func__  # type: ignore[attr-defined]
+_start = DirectBody.start
 _write = DirectBody.write
+_end = DirectBody.end
 
 
 class _CountingLock:
@@ -65,8 +68,22 @@ def _counted_write(self: DirectBody, data: bytes) -> memoryview | None:
     return rest
 
 
+async def _counted_start(self: DirectBody, message: Any) -> bool:
+    sent = await _start(self, message)
+    COUNTS["heads"] += sent
+    return sent
+
+
+async def _counted_end(self: DirectBody, body: bytes) -> bool:
+    ended = await _end(self, body)
+    COUNTS["ends"] += ended
+    return ended
+
+
 DirectBody.of = classmethod(_counted_of)  # type: ignore[method-assign, assignment]
+DirectBody.start = _counted_start  # type: ignore[method-assign]
 DirectBody.write = _counted_write  # type: ignore[method-assign]
+DirectBody.end = _counted_end  # type: ignore[method-assign]
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -53,6 +53,18 @@ def port_of(gateway: Gateway) -> int:
     return port
 
 
+def one_worker(
+    start_gateway: Callable[..., Gateway], tmp_path: Path, keep_alive: int
+) -> tuple[int, int]:
+    """A gateway with this keep-alive timeout: its port and its one worker's PID."""
+    gateway = start_gateway(
+        CONFIG.format(audit=tmp_path / "audit.jsonl"), extra_args=("--keep-alive", str(keep_alive))
+    )
+    wait_until(lambda: worker_pids(gateway.proc.pid), 5, "hypercorn's worker process")
+    (worker,) = worker_pids(gateway.proc.pid)
+    return port_of(gateway), worker
+
+
 def records(audit: Path) -> list[dict]:
     if not audit.exists():
         return []
@@ -170,6 +182,31 @@ async def test_idle_keep_alive_connections_are_closed_after_the_timeout(
     )
     assert min(idle_for) > KEEP_ALIVE - 0.5, "closed before the keep-alive timeout"
     assert established(port) == 0
+
+
+CLOSED_BY_CLIENT = 20
+LONG_KEEP_ALIVE = 60
+
+
+async def test_connections_the_client_closed_are_released_at_once_not_at_the_idle_timeout(
+    tmp_path: Path, start_gateway
+) -> None:
+    """hypercorn kept its side of an idle connection the client had closed until the
+    keep-alive timeout: its idle timer held the connection's task group open."""
+    port, worker = one_worker(start_gateway, tmp_path, LONG_KEEP_ALIVE)
+    before = socket_fds(worker)
+    with trio.fail_after(30):
+        connections = [await Connection.open(port) for _ in range(CLOSED_BY_CLIENT)]
+        for conn in connections:
+            assert (await conn.request(HEALTH)).status == 200
+        assert socket_fds(worker) >= before + CLOSED_BY_CLIENT
+        for conn in connections:
+            await conn.aclose()
+    await wait_for(
+        lambda: socket_fds(worker) <= before,
+        5,  # a twelfth of the keep-alive timeout
+        f"the worker to close its side of {CLOSED_BY_CLIENT} connections the client closed",
+    )
 
 
 # --- 3. Many requests over keep-alive, then nothing left open ---------------------------------
@@ -302,13 +339,7 @@ FD_KEEP_ALIVE = 3
 async def test_a_new_client_is_served_after_idle_connections_used_every_fd(
     tmp_path: Path, start_gateway
 ) -> None:
-    gateway = start_gateway(
-        CONFIG.format(audit=tmp_path / "audit.jsonl"),
-        extra_args=("--keep-alive", str(FD_KEEP_ALIVE)),
-    )
-    port = port_of(gateway)
-    wait_until(lambda: worker_pids(gateway.proc.pid), 5, "hypercorn's worker process")
-    (worker,) = worker_pids(gateway.proc.pid)
+    port, worker = one_worker(start_gateway, tmp_path, FD_KEEP_ALIVE)
     resource.prlimit(worker, resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
     room = FD_LIMIT - len(list(Path(f"/proc/{worker}/fd").iterdir()))
     attackers: list[Connection] = []
