@@ -193,7 +193,9 @@ class _IdleTimer:
 
     async def restart(self, task_group: Any, action: Callable[[], Awaitable[None]]) -> None:
         server = action.__self__  # type: ignore[attr-defined]  # TCPServer._idle_timeout
-        deadline = trio.current_time() + server.config.keep_alive_timeout
+        # Idle after the server began shutting down: closed at once, as hypercorn's does.
+        idle_for = 0 if server.context.terminated.is_set() else server.config.keep_alive_timeout
+        deadline = trio.current_time() + idle_for
         if self._scope is None:
             self._scope = trio.CancelScope(deadline=deadline)
             task_group._nursery.start_soon(_close_when_idle, self, self._scope, server)
@@ -214,8 +216,9 @@ async def _close_when_idle(timer: _IdleTimer, scope: trio.CancelScope, server: A
     with scope:
         await server.context.terminated.wait()
         if scope.deadline == math.inf:
-            # Shut down mid-request: hypercorn closes the connection after the response
-            # (`_maybe_recycle`), which ends the read loop and so this task.
+            # Shut down mid-request: HTTP/1.1 closes after the response (`_maybe_recycle`),
+            # which ends the read loop and so this task; HTTP/2 restarts the timer when its
+            # last stream ends, and the deadline it sets then is now.
             await trio.sleep_forever()
     if not timer.ended:
         with trio.CancelScope(shield=True):

@@ -209,6 +209,32 @@ async def test_connections_the_client_closed_are_released_at_once_not_at_the_idl
     )
 
 
+MAX_REQUESTS = 3
+
+
+@pytest.mark.parametrize("kind", ["chat", "stream"])
+async def test_the_answer_at_keep_alive_max_requests_closes_the_connection(
+    tmp_path: Path, start_gateway, kind: str
+) -> None:
+    """hypercorn ends a connection after `keep_alive_max_requests` answers, the last one
+    saying `connection: close`. A proxied answer's head is written by crabtrio's direct path
+    (body_writer.py), which must add it as hypercorn does."""
+    settings = tmp_path / "hypercorn.toml"
+    settings.write_text(f"keep_alive_max_requests = {MAX_REQUESTS}\n")
+    gateway = start_gateway(
+        CONFIG.format(audit=tmp_path / "audit.jsonl"), extra_args=("--config", str(settings))
+    )
+    raw = CHAT_REQUEST if kind == "chat" else STREAM_REQUEST
+    with trio.fail_after(20):
+        async with await Connection.open(port_of(gateway)) as conn:
+            for answered in range(1, MAX_REQUESTS + 1):
+                response = await conn.request(raw)
+                assert response.status == 200
+                closing = response.headers.get("connection") == "close"
+                assert closing == (answered == MAX_REQUESTS), (answered, response.headers)
+            assert await conn.wait_closed() == b""
+
+
 # --- 3. Many requests over keep-alive, then nothing left open ---------------------------------
 
 CONNECTIONS = 200
