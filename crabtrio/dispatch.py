@@ -78,34 +78,31 @@ class Exchange:
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
-        direct = self._direct_body()  # the path straight to the socket (body_writer.py)
+        direct = self._direct  # the path straight to the socket (body_writer.py)
+        if direct is None:  # looked for once, at the first send
+            direct = self._direct = DirectBody.of(self._send) or False
         rest: memoryview | None = None  # what a direct write of a middle part left to finish
         if kind == "http.response.start":
             message["headers"] = [*message["headers"], *self._start_headers]
         elif kind == "http.response.body":
             if not message.get("more_body", False):
                 self.final = True
-            elif direct is not None and message.get("body"):
+            elif direct and message.get("body"):
                 rest = direct.write(message["body"])
                 if rest is not None and not rest:
                     return  # all written, nothing awaited: no disconnect to hold back
         self._sending = True
         try:
             if rest:
-                assert direct is not None
+                assert direct
                 await direct.finish(rest)
-            elif direct is None or not await _direct_send(direct, kind, message, self.final):
+            elif not direct or not await _direct_send(direct, kind, message, self.final):
                 await self._send(message)
         finally:
             self._sending = False
             if self._sent is not None:
                 self._sent.set()
                 self._sent = None
-
-    def _direct_body(self) -> DirectBody | None:
-        if self._direct is None:  # looked for once, at the first send
-            self._direct = DirectBody.of(self._send) or False
-        return self._direct or None
 
     async def receive(self) -> Message:
         message = await self._receive()
