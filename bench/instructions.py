@@ -3,15 +3,16 @@
     .venv/bin/python bench/instructions.py --baseline a178324
     .venv/bin/python bench/instructions.py --baseline a178324 --stream
 
-Timings on a shared 2-vCPU machine move by 2x between runs; instruction counts from
-valgrind's callgrind do not (a few percent). Each side serves `--short` and then `--long`
-chat requests in-process (the app's ASGI path with the Quart test client, a real
+Timings on a shared 2-vCPU machine move by 2x between runs; instruction counts from valgrind's
+callgrind do not (a few percent for requests; for `--stream`, up to ~20%: paced events coalesce
+into fewer reads in some runs under valgrind's slowdown). Each side serves `--short` and then
+`--long` chat requests in-process (the app's ASGI path with the Quart test client, a real
 bench/mock_upstream.py over loopback); the difference of the two totals over the difference in
-requests is the cost of one request, start-up excluded. `--stream` serves `--streams` streams
-of 10 and then of 50 events, paced 20 ms apart as a model would send them (each event its own
+requests is the cost of one request, start-up excluded. `--stream` serves `--streams` streams of
+10 and then of 50 events, paced 20 ms apart as a model would send them (each event its own
 read): the difference over the 40 extra events of each stream is the cost of one event. The
-audit log is off unless `--audit`: its timers fire per unit of wall time, and valgrind runs
-50x slower.
+audit log is off unless `--audit`: its timers fire per unit of wall time, and valgrind runs 50x
+slower.
 Needs valgrind (Debian's package).
 """
 
