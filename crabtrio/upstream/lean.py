@@ -144,7 +144,7 @@ class _Pool:
                 # From here on the request was sent: whatever happens, it is never sent again.
                 sent = True
                 scope.deadline = _deadline(read_timeout)
-                response, rest = await _read_head(connection, request.method)
+                response, rest = await _read_head(connection, request.method, self.stalls)
         except BaseException:
             if sent:  # (`_send` discards the connection it fails on)
                 self._discard(connection)
@@ -399,11 +399,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
             await pool.aclose()
 
 
-async def _receive(
-    connection: _Connection, timeout: float | None, stalls: Stalls | None = None
-) -> bytes:
+async def _receive(connection: _Connection, timeout: float | None, stalls: Stalls) -> bytes:
     """The next bytes from the upstream (b"" when it closed), each wait bounded by `timeout`
-    (through `stalls` when given).
+    (on plain TCP through `stalls`).
 
     On plain TCP, the wait comes first and then one `recv()` on the stdlib socket: trio's
     `receive_some` tries a `recv()` first, which for a stream's next event almost always
@@ -415,11 +413,7 @@ async def _receive(
             with _limit(timeout):
                 return bytes(await connection.stream.receive_some(READ_SIZE))
         while True:
-            if stalls is not None and timeout is not None:
-                await stalls.wait_readable(sock, timeout)
-            else:
-                with _limit(timeout):
-                    await trio.lowlevel.wait_readable(sock)
+            await stalls.wait_readable(sock, timeout)
             try:
                 return sock.recv(READ_SIZE)
             except BlockingIOError:
@@ -430,7 +424,9 @@ async def _receive(
         raise httpx.ReadError("the connection broke") from exc
 
 
-async def _read_head(connection: _Connection, method: str) -> tuple[ResponseHead, bytes]:
+async def _read_head(
+    connection: _Connection, method: str, stalls: Stalls
+) -> tuple[ResponseHead, bytes]:
     """The response head and the bytes read past it (the caller bounds the wait for all of
     it: an upstream trickling it byte by byte does not get a new deadline per read)."""
     data = b""
@@ -440,7 +436,7 @@ async def _read_head(connection: _Connection, method: str) -> tuple[ResponseHead
         except HeadError:
             raise httpx.RemoteProtocolError("the upstream sent a malformed response head") from None
         if parsed is None:
-            more = await _receive(connection, None)
+            more = await _receive(connection, None, stalls)
             if not more:
                 raise httpx.RemoteProtocolError("the upstream closed the connection unanswered")
             data += more

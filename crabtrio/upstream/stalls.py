@@ -37,8 +37,12 @@ class Stalls:
         self._idle: trio.Event | None = None  # set by the first wait while nothing waits
         self._nap: trio.CancelScope | None = None  # the watcher's sleep between looks
 
-    async def wait_readable(self, sock: socket.socket, timeout: float) -> None:
-        """`trio.lowlevel.wait_readable`, or `trio.TooSlowError` after `timeout`."""
+    async def wait_readable(self, sock: socket.socket, timeout: float | None) -> None:
+        """`trio.lowlevel.wait_readable`, or `trio.TooSlowError` after `timeout` (None: the
+        caller bounds the wait)."""
+        if timeout is None:
+            await trio.lowlevel.wait_readable(sock)
+            return
         if not self._watching:
             with Deadline(timeout):
                 await trio.lowlevel.wait_readable(sock)
